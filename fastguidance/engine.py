@@ -1,0 +1,361 @@
+"""The guidance engine: one run object per sampling run, policies that choose an action per step.
+
+For every model-evaluation request of a sampler (one per step, several for midpoint samplers) the
+host asks the run for a **plan**, evaluates what the plan says, and hands the predictions back to
+the run, which returns the uncond prediction to use (real or estimated):
+
+    plan = run.plan(sigma)                     # which action for each sample
+    cond, uncond = evaluate(both if plan.evaluate_uncond else cond only)
+    uncond_hat = run.complete(plan, x, cond, uncond_or_None)
+    return cfg(cond, uncond_hat)
+
+Actions (DESIGN.md §2):
+
+- ``FULL``: cond and uncond are evaluated; policies learn from them (cosine, cached guidance, …);
+- ``REUSE``: ``û = c − g_cached`` with ``g = c − u`` of the sample's last FULL step
+  (Compress Guidance, Dinh et al.), so CFG yields ``c + (s − 1)·g_cached``;
+- ``ESTIMATE``: ``û`` comes from the policy that proposed it (LinearAG's regression);
+- ``COND_ONLY``: ``û = c``, so CFG yields ``c`` (Adaptive Guidance after its cutoff).
+
+**The combination rule**, written once here: every policy proposes an action per sample (or has no
+opinion, which means FULL). Per sample, the proposal with the highest rank wins, the ranks being
+``FULL < REUSE < ESTIMATE < COND_ONLY``: a sample is guided only while every policy wants it guided,
+and a policy that ends guidance (AG's cutoff) overrides one that approximates it (CompG's reuse).
+An action whose input is missing (REUSE before the sample had a FULL step) falls back to FULL.
+The uncond is evaluated for the whole batch when any sample's action is FULL (the host evaluates
+cond and uncond as whole batches); samples whose action is not FULL still get their estimate, so a
+sample's result never depends on the other samples of its batch.
+
+**Host synchronisation.** Policies decide on the host. The only device→host read of a model call
+happens in :meth:`GuidanceRun.plan`: one small tensor holding the call's sigma and the cosines
+measured at the previous FULL call. Cosines are computed on the device right after the evaluation
+and read at the start of the next call, so nothing waits for them in the step that produced them.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .guidance import per_sample_cosine
+from .schedules import step_index
+
+log = logging.getLogger("fastguidance")
+
+
+class Action(enum.IntEnum):
+    """What a model call does for one sample. The values are the ranks of the combination rule."""
+
+    FULL = 0
+    REUSE = 1
+    ESTIMATE = 2
+    COND_ONLY = 3
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What a policy knows about the model call it is asked about."""
+
+    call: int  # index of this model call within the run (0-based)
+    step: int  # index of the sampling step in the sampled schedule (0-based)
+    sigma: float
+    total_steps: int
+    batch_size: int
+
+
+@dataclass
+class CallRecord:
+    """One model call of a run, as shown to the user and the frontend."""
+
+    call: int
+    step: int
+    sigma: float
+    actions: tuple[Action, ...]
+    evaluations: int  # batch evaluations spent: 2 with the uncond, 1 without
+    cosine: list[float | None] | None = None  # per sample, where measured (FULL samples only)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "call": self.call,
+            "step": self.step,
+            "sigma": self.sigma,
+            "actions": [action.name.lower() for action in self.actions],
+            "evaluations": self.evaluations,
+            "cosine": self.cosine,
+        }
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """Counts of a finished run. Evaluations are batch evaluations: CFG spends 2 per model call."""
+
+    calls: int
+    uncond_skipped: int
+    evaluations: int
+
+    @property
+    def cfg_evaluations(self) -> int:
+        return 2 * self.calls
+
+    @property
+    def speedup(self) -> float:
+        """Model evaluations of plain CFG divided by those spent (1.0 for an empty run)."""
+        return self.cfg_evaluations / self.evaluations if self.evaluations else 1.0
+
+    def text(self, label: str = "FastGuidance") -> str:
+        return (
+            f"{label}: {self.uncond_skipped}/{self.calls} uncond evaluations skipped, "
+            f"{self.speedup:.2f}x fewer model evaluations ({self.evaluations} of {self.cfg_evaluations})"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "calls": self.calls,
+            "uncond_skipped": self.uncond_skipped,
+            "evaluations": self.evaluations,
+            "cfg_evaluations": self.cfg_evaluations,
+            "speedup": self.speedup,
+        }
+
+
+class GuidancePolicy:
+    """Interface of a method that decides, per model call and sample, which action to take.
+
+    A policy object holds only its settings (it is shared by every run of a patched model); what it
+    learns during a run lives in the state object that :meth:`start` returns, which the run keeps
+    and passes back. Override what the method needs; the defaults have no opinion and learn nothing.
+    """
+
+    #: short name used in logs, records and benchmark rows (``ag``, ``compg``, …)
+    name: str = "policy"
+    #: the run measures the per-sample cosine at FULL calls and passes it to :meth:`measured`
+    wants_cosine: bool = False
+    #: the policy may propose REUSE, so the run keeps ``g = c − u`` of each sample's last FULL call
+    uses_guidance_cache: bool = False
+
+    def start(self, run: "GuidanceRun") -> Any:
+        """Create the per-run state (called once when the run begins)."""
+        return None
+
+    def propose(self, state: Any, context: StepContext) -> Action | Sequence[Action] | None:
+        """The action for this call: one for the whole batch, one per sample, or ``None`` (FULL)."""
+        return None
+
+    def measured(self, state: Any, record: CallRecord, cosine: Sequence[float | None]) -> None:
+        """The per-sample cosine of a past FULL call has reached the host (before the next plan)."""
+
+    def observe(self, state: Any, context: StepContext, x: torch.Tensor, cond: torch.Tensor,
+                uncond: torch.Tensor, full: Sequence[bool]) -> None:
+        """Real cond and uncond predictions of a call; ``full[b]`` marks samples whose action was FULL."""
+
+    def estimate(self, state: Any, context: StepContext, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """The uncond estimate for the whole batch, for samples where this policy won with ESTIMATE."""
+        raise NotImplementedError(f"policy {self.name} proposed ESTIMATE but has no estimator")
+
+    def describe(self) -> dict[str, Any]:
+        """Settings shown with the run record (the frontend draws e.g. AG's threshold)."""
+        return {"method": self.name}
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """The decision for one model call."""
+
+    context: StepContext
+    actions: tuple[Action, ...]
+    owners: tuple[int | None, ...]  # index of the policy whose proposal won, per sample
+
+    @property
+    def evaluate_uncond(self) -> bool:
+        return Action.FULL in self.actions
+
+
+def combine_actions(proposals: Sequence[Sequence[Action]], batch_size: int) -> tuple[tuple[Action, ...], tuple[int | None, ...]]:
+    """Apply the combination rule (module docstring) to per-policy, per-sample proposals."""
+    actions = [Action.FULL] * batch_size
+    owners: list[int | None] = [None] * batch_size
+    for index, proposal in enumerate(proposals):
+        for sample, action in enumerate(proposal):
+            if action > actions[sample]:
+                actions[sample], owners[sample] = action, index
+    return tuple(actions), tuple(owners)
+
+
+def schedule_percent_to_sigma(schedule: Sequence[float]) -> Callable[[float], float]:
+    """Fallback percent→sigma map by position in the sampled schedule (0 → first sigma, 1 → 0).
+
+    Hosts that know their model's noise schedule pass their own map instead (ComfyUI's
+    ``model_sampling.percent_to_sigma``), which does not depend on the number of steps.
+    """
+
+    def percent_to_sigma(percent: float) -> float:
+        if percent <= 0.0:
+            return math.inf
+        if percent >= 1.0:
+            return 0.0
+        position = percent * (len(schedule) - 1)
+        low = int(position)
+        weight = position - low
+        return (1 - weight) * schedule[low] + weight * schedule[min(low + 1, len(schedule) - 1)]
+
+    return percent_to_sigma
+
+
+class GuidanceRun:
+    """The state of one sampling run: schedule, per-policy state, guidance cache and records.
+
+    Create one per sampling run (ComfyUI: in the pack's ``OUTER_SAMPLE`` wrapper; core sampler: per
+    call of :func:`fastguidance.sampling.sample`). Nothing of a run outlives it.
+    """
+
+    def __init__(self, policies: Sequence[GuidancePolicy], sigmas: torch.Tensor | Sequence[float],
+                 batch_size: int, percent_to_sigma: Callable[[float], float] | None = None):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.policies = tuple(policies)
+        # One host copy of the schedule per run; the per-call path only reads it.
+        self.schedule: list[float] = [float(s) for s in (sigmas.tolist() if torch.is_tensor(sigmas) else sigmas)]
+        self.total_steps = max(len(self.schedule) - 1, 0)
+        self.batch_size = batch_size
+        self.percent_to_sigma = percent_to_sigma or schedule_percent_to_sigma(self.schedule)
+        self.records: list[CallRecord] = []
+        self._wants_cosine = any(policy.wants_cosine for policy in self.policies)
+        self._uses_cache = any(policy.uses_guidance_cache for policy in self.policies)
+        self._guidance_cache: torch.Tensor | None = None
+        self._cache_valid = [False] * batch_size
+        self._pending_cosine: tuple[CallRecord, torch.Tensor] | None = None
+        self._states = [policy.start(self) for policy in self.policies]
+
+    # -- per model call -------------------------------------------------------------------------
+
+    def plan(self, sigma: torch.Tensor) -> StepPlan:
+        """Decide the actions of the next model call at noise level ``sigma`` (tensor ``[B]``)."""
+        sigma_value = self._read_host_values(sigma)
+        context = StepContext(
+            call=len(self.records),
+            step=step_index(self.schedule, sigma_value),
+            sigma=sigma_value,
+            total_steps=self.total_steps,
+            batch_size=self.batch_size,
+        )
+        proposals = [self._per_sample(policy.propose(state, context), policy)
+                     for policy, state in zip(self.policies, self._states)]
+        actions, owners = combine_actions(proposals, self.batch_size)
+        actions = tuple(Action.FULL if action == Action.REUSE and not self._cache_valid[b] else action
+                        for b, action in enumerate(actions))
+        return StepPlan(context, actions, owners)
+
+    def complete(self, plan: StepPlan, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None) -> torch.Tensor:
+        """Record the call and return the uncond prediction to combine with ``cond``.
+
+        ``uncond`` is the real prediction when the host evaluated it (``plan.evaluate_uncond``), else
+        ``None``. Samples whose action is not FULL get their estimate even when the real uncond exists.
+        """
+        if plan.evaluate_uncond and uncond is None:
+            raise ValueError("the plan evaluates the uncond, but no uncond prediction was given")
+        record = CallRecord(plan.context.call, plan.context.step, plan.context.sigma, plan.actions,
+                            evaluations=2 if uncond is not None else 1)
+        self.records.append(record)
+        if uncond is not None:
+            self._learn(plan, record, x, cond, uncond)
+        return self._uncond_estimate(plan, x, cond, uncond)
+
+    # -- end of run -----------------------------------------------------------------------------
+
+    def finish(self) -> RunSummary:
+        """Read what is still on the device (the last cosine) and return the run's counts."""
+        if self._pending_cosine is not None:
+            record, cosine = self._pending_cosine
+            self._pending_cosine = None
+            self._deliver_cosine(record, cosine.tolist())
+        return self.summary()
+
+    def summary(self) -> RunSummary:
+        return RunSummary(
+            calls=len(self.records),
+            uncond_skipped=sum(1 for record in self.records if record.evaluations == 1),
+            evaluations=sum(record.evaluations for record in self.records),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The run as plain data (for the frontend message and the benchmark)."""
+        return {
+            "policies": [policy.describe() for policy in self.policies],
+            "total_steps": self.total_steps,
+            "batch_size": self.batch_size,
+            "summary": self.summary().to_dict(),
+            "records": [record.to_dict() for record in self.records],
+        }
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _per_sample(self, proposal: Action | Sequence[Action] | None, policy: GuidancePolicy) -> Sequence[Action]:
+        if proposal is None:
+            return (Action.FULL,) * self.batch_size
+        if isinstance(proposal, Action):
+            return (proposal,) * self.batch_size
+        if len(proposal) != self.batch_size:
+            raise ValueError(f"policy {policy.name} proposed {len(proposal)} actions for a batch of {self.batch_size}")
+        return proposal
+
+    def _read_host_values(self, sigma: torch.Tensor) -> float:
+        """The one device→host read of a call: this call's sigma plus the pending cosines."""
+        first_sigma = sigma.reshape(-1)[:1].float()
+        if self._pending_cosine is None:
+            return float(first_sigma.item())
+        record, cosine = self._pending_cosine
+        self._pending_cosine = None
+        values = torch.cat([first_sigma.to(cosine.device), cosine]).tolist()
+        self._deliver_cosine(record, values[1:])
+        return float(values[0])
+
+    def _deliver_cosine(self, record: CallRecord, cosine: Sequence[float]) -> None:
+        measured = [value if action == Action.FULL else None for value, action in zip(cosine, record.actions)]
+        record.cosine = measured
+        for policy, state in zip(self.policies, self._states):
+            if policy.wants_cosine:
+                policy.measured(state, record, measured)
+
+    def _learn(self, plan: StepPlan, record: CallRecord, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor) -> None:
+        full = [action == Action.FULL for action in plan.actions]
+        if self._wants_cosine:
+            self._pending_cosine = (record, per_sample_cosine(x, cond, uncond))
+        if self._uses_cache:
+            guidance = cond - uncond
+            if all(full) or self._guidance_cache is None:
+                self._guidance_cache = guidance
+            else:
+                self._guidance_cache = torch.where(self._sample_mask(full, guidance), guidance, self._guidance_cache)
+            self._cache_valid = [valid or is_full for valid, is_full in zip(self._cache_valid, full)]
+        for policy, state in zip(self.policies, self._states):
+            policy.observe(state, plan.context, x, cond, uncond, full)
+
+    def _uncond_estimate(self, plan: StepPlan, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None) -> torch.Tensor:
+        kinds = set(zip(plan.actions, plan.owners))
+        estimates: dict[int, torch.Tensor] = {}
+
+        def for_batch(action: Action, owner: int | None) -> torch.Tensor:
+            if action == Action.FULL:
+                return uncond
+            if action == Action.COND_ONLY:
+                return cond
+            if action == Action.REUSE:
+                return cond - self._guidance_cache
+            if owner not in estimates:
+                estimates[owner] = self.policies[owner].estimate(self._states[owner], plan.context, x, cond)
+            return estimates[owner]
+
+        if len(kinds) == 1:
+            return for_batch(*next(iter(kinds)))
+        rows = [for_batch(action, owner)[b:b + 1] for b, (action, owner) in enumerate(zip(plan.actions, plan.owners))]
+        return torch.cat(rows, dim=0)
+
+    @staticmethod
+    def _sample_mask(flags: Sequence[bool], like: torch.Tensor) -> torch.Tensor:
+        mask = torch.tensor(flags, device=like.device, dtype=torch.bool)
+        return mask.reshape(-1, *([1] * (like.dim() - 1)))

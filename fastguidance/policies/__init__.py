@@ -1,0 +1,5 @@
+"""The methods of the pack as engine policies (see :mod:`fastguidance.engine`)."""
+
+from .adaptive import AFTER_CUTOFF_MODES, AdaptiveGuidance
+
+__all__ = ["AFTER_CUTOFF_MODES", "AdaptiveGuidance"]

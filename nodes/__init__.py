@@ -1,0 +1,22 @@
+"""ComfyUI glue of FastGuidance: V3 node schemas that validate, call the core and wrap the result."""
+
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from .adaptive_guidance import AdaptiveGuidanceNode, AdaptiveGuiderNode
+
+#: the one list of the pack's nodes
+NODES: list[type[io.ComfyNode]] = [
+    AdaptiveGuidanceNode,
+    AdaptiveGuiderNode,
+]
+
+
+class FastGuidanceExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)
+
+
+async def comfy_entrypoint() -> FastGuidanceExtension:
+    return FastGuidanceExtension()

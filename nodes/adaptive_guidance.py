@@ -1,0 +1,119 @@
+"""Adaptive Guidance nodes: a MODEL patch for any sampler node, and a GUIDER for SamplerCustomAdvanced."""
+
+from __future__ import annotations
+
+import comfy.samplers
+from comfy_api.latest import io
+
+from ..fastguidance.errors import InvalidInputError
+from ..fastguidance.policies.adaptive import AFTER_CUTOFF_MODES, MAX_THRESHOLD, AdaptiveGuidance, validate_adaptive_guidance
+from .engine_patch import install_policy
+
+
+_DEFAULTS = AdaptiveGuidance()
+
+
+def _settings_inputs() -> list:
+    """The Adaptive Guidance settings, shared by the patch and the guider."""
+    return [
+        io.Float.Input(
+            "threshold", default=_DEFAULTS.threshold, min=0.0, max=MAX_THRESHOLD, step=0.001, round=0.0001,
+            tooltip="Stop guiding an image once the prompt and negative predictions point the same way "
+                    "(their cosine reaches this value). Lower = earlier cutoff, faster, less guidance. "
+                    "0.991 is the paper's value; above 1.0 never cuts (plain CFG).",
+        ),
+        io.Float.Input(
+            "start_percent", default=_DEFAULTS.start_percent, min=0.0, max=1.0, step=0.01,
+            tooltip="Start of the window (fraction of the denoising, 0 = first step) in which guidance may be "
+                    "cut. Before it every step is guided. 0.0 = from the start.",
+        ),
+        io.Float.Input(
+            "end_percent", default=_DEFAULTS.end_percent, min=0.0, max=1.0, step=0.01,
+            tooltip="End of the window (1 = last step). After it every step is guided again. 1.0 = to the end.",
+        ),
+        io.Combo.Input(
+            "after_cutoff", options=list(AFTER_CUTOFF_MODES), default=_DEFAULTS.after_cutoff,
+            tooltip="What a step does once guidance is cut: cond_only uses the prompt prediction alone (the "
+                    "paper's method); reuse keeps applying the last measured guidance (experimental).",
+        ),
+    ]
+
+
+def _validate(threshold=None, start_percent=None, end_percent=None, after_cutoff=None) -> bool | str:
+    """``validate_inputs`` for both nodes: a message naming the input and the fix, or True."""
+    values = {"threshold": threshold, "start_percent": start_percent, "end_percent": end_percent,
+              "after_cutoff": after_cutoff}
+    # Inputs fed by links are not known before the run; check the rest against the defaults.
+    known = {name: getattr(_DEFAULTS, name) if value is None else value for name, value in values.items()}
+    try:
+        validate_adaptive_guidance(**known)
+    except InvalidInputError as error:
+        return str(error)
+    return True
+
+
+def _policy(threshold: float, start_percent: float, end_percent: float, after_cutoff: str) -> AdaptiveGuidance:
+    return AdaptiveGuidance(threshold=threshold, start_percent=start_percent, end_percent=end_percent,
+                            after_cutoff=after_cutoff)
+
+
+class AdaptiveGuidanceNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FastGuidance_AdaptiveGuidance",
+            display_name="Adaptive Guidance (FastGuidance)",
+            category="sampling/fastguidance",
+            description="Makes CFG cheaper with any sampler node (KSampler, KSamplerAdvanced, SamplerCustomAdvanced): "
+                        "once an image's prompt and negative predictions agree, its remaining steps skip the "
+                        "negative-prompt evaluation (Adaptive Guidance, Castillo et al. 2023). With cfg 1 it does nothing.",
+            inputs=[io.Model.Input("model", tooltip="The model to make cheaper. Connect the output to your sampler.")]
+            + _settings_inputs(),
+            outputs=[io.Model.Output(tooltip="The same model, with guidance cut once it no longer changes the image.")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def validate_inputs(cls, threshold=None, start_percent=None, end_percent=None, after_cutoff=None, **_) -> bool | str:
+        return _validate(threshold, start_percent, end_percent, after_cutoff)
+
+    @classmethod
+    def execute(cls, model, threshold: float, start_percent: float, end_percent: float, after_cutoff: str) -> io.NodeOutput:
+        policy = _policy(threshold, start_percent, end_percent, after_cutoff)
+        return io.NodeOutput(install_policy(model, policy, cls.hidden.unique_id))
+
+
+class AdaptiveGuiderNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FastGuidance_AdaptiveGuider",
+            display_name="Adaptive Guider (FastGuidance)",
+            category="sampling/custom_sampling/guiders",
+            description="A CFG guider for SamplerCustomAdvanced that stops guiding each image once its prompt and "
+                        "negative predictions agree (Adaptive Guidance). With a threshold above 1 it equals the "
+                        "stock CFGGuider.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model to sample with."),
+                io.Conditioning.Input("positive", tooltip="The prompt conditioning."),
+                io.Conditioning.Input("negative", tooltip="The negative (or empty) prompt conditioning."),
+                io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance scale, as in KSampler. 1.0 = no guidance "
+                                       "(nothing to skip)."),
+            ] + _settings_inputs(),
+            outputs=[io.Guider.Output(tooltip="Connect to SamplerCustomAdvanced's guider input.")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def validate_inputs(cls, threshold=None, start_percent=None, end_percent=None, after_cutoff=None, **_) -> bool | str:
+        return _validate(threshold, start_percent, end_percent, after_cutoff)
+
+    @classmethod
+    def execute(cls, model, positive, negative, cfg: float, threshold: float, start_percent: float,
+                end_percent: float, after_cutoff: str) -> io.NodeOutput:
+        policy = _policy(threshold, start_percent, end_percent, after_cutoff)
+        guider = comfy.samplers.CFGGuider(install_policy(model, policy, cls.hidden.unique_id))
+        guider.set_conds(positive, negative)
+        guider.set_cfg(cfg)
+        return io.NodeOutput(guider)

@@ -1,0 +1,161 @@
+"""Installs the core engine into a ComfyUI MODEL (COMFYUI.md §2–3). The only file that knows the hooks.
+
+- ``sampler_calc_cond_batch_function`` decides, per model call, whether the uncond is evaluated;
+  a function that was in the slot before is chained (it still does every evaluation);
+- a keyed ``OUTER_SAMPLE`` wrapper creates the run object of each sampling run, puts it in a clone
+  of the guider's model options (the patched MODEL is cached and reused across prompts, so it holds
+  no run state), logs the run's summary once and sends the run's record to the page.
+
+Several FastGuidance patches on one model share one engine: each adds its policy, and the core's
+combination rule (``fastguidance.engine``) decides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Callable
+
+import comfy.model_patcher
+import comfy.patcher_extension
+import comfy.samplers
+import torch
+
+from ..fastguidance.engine import GuidancePolicy, GuidanceRun
+
+log = logging.getLogger("fastguidance")
+
+#: transformer_options key of the engine's settings, and key of its wrapper
+ENGINE_KEY = "fastguidance"
+#: transformer_options key of the current run (only in the per-run clone of the options)
+RUN_KEY = "fastguidance_run"
+#: event sent to the page after each run (data: node id, summary, per-call records)
+RUN_EVENT = "fastguidance.run"
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """What a patched model carries: the policies, the nodes that added them, the chained function."""
+
+    policies: tuple[GuidancePolicy, ...]
+    node_ids: tuple[str, ...]
+    chained: Callable[[dict], list] | None
+
+
+@dataclasses.dataclass
+class _HostRun:
+    """The core run plus what only the host glue counts."""
+
+    run: GuidanceRun
+    passthrough_calls: int = 0  # calls without an uncond (cfg 1): nothing to decide
+    batch_mismatch_logged: bool = False
+
+
+def install_policy(model: Any, policy: GuidancePolicy, node_id: str | None) -> Any:
+    """Return a clone of ``model`` whose sampling runs ``policy`` (with any FastGuidance policies already on it)."""
+    patched = model.clone()
+    options = patched.model_options
+    transformer_options = options.setdefault("transformer_options", {})
+    config = transformer_options.get(ENGINE_KEY)
+    current = options.get("sampler_calc_cond_batch_function")
+    node_ids = () if node_id is None else (str(node_id),)
+    if config is not None and current is engine_calc_cond_batch:
+        config = dataclasses.replace(config, policies=config.policies + (policy,), node_ids=config.node_ids + node_ids)
+    else:
+        config = EngineConfig((policy,), node_ids, chained=current)
+        patched.set_model_sampler_calc_cond_batch_function(engine_calc_cond_batch)
+        patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, ENGINE_KEY)
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, ENGINE_KEY, engine_outer_sample)
+    transformer_options[ENGINE_KEY] = config
+    return patched
+
+
+def engine_outer_sample(executor, *args, **kwargs):
+    """``OUTER_SAMPLE`` wrapper: one :class:`GuidanceRun` per sampling run, reported when it ends."""
+    guider = executor.class_obj
+    config: EngineConfig | None = guider.model_options.get("transformer_options", {}).get(ENGINE_KEY)
+    if config is None:
+        return executor(*args, **kwargs)
+    noise = args[0] if args else kwargs["noise"]
+    sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
+    model_sampling = guider.model_patcher.get_model_object("model_sampling")
+    host_run = _HostRun(GuidanceRun(config.policies, sigmas, noise.shape[0], model_sampling.percent_to_sigma))
+    original_options = guider.model_options
+    guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
+    guider.model_options["transformer_options"][RUN_KEY] = host_run
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        guider.model_options = original_options
+        _report(config, host_run, type(guider).__name__)
+
+
+def engine_calc_cond_batch(args: dict) -> list:
+    """``sampler_calc_cond_batch_function``: evaluate what the run's plan asks for, estimate the rest."""
+    transformer_options = args["model_options"].get("transformer_options", {})
+    config: EngineConfig | None = transformer_options.get(ENGINE_KEY)
+    host_run: _HostRun | None = transformer_options.get(RUN_KEY)
+    chained = config.chained if config is not None else None
+    conds, x = args["conds"], args["input"]
+    if host_run is None or len(conds) != 2 or conds[1] is None:
+        if host_run is not None:
+            host_run.passthrough_calls += 1
+        return _evaluate(chained, args)
+    run = host_run.run
+    if x.shape[0] != run.batch_size:
+        if not host_run.batch_mismatch_logged:
+            log.warning("FastGuidance: the model was called with a batch of %d, the run was started with %d; "
+                        "these calls use plain CFG", x.shape[0], run.batch_size)
+            host_run.batch_mismatch_logged = True
+        return _evaluate(chained, args)
+    plan = run.plan(args["sigma"])
+    if plan.evaluate_uncond:
+        cond, uncond = _evaluate(chained, args)[:2]
+    else:
+        cond, uncond = _evaluate_cond_only(chained, args), None
+    return [cond, run.complete(plan, x, cond, uncond)]
+
+
+def _evaluate(chained: Callable[[dict], list] | None, args: dict) -> list:
+    """Model evaluations exactly as the host would do them, through the chained function if any."""
+    if chained is not None:
+        return chained(args)
+    return comfy.samplers.calc_cond_batch(args["model"], args["conds"], args["input"], args["sigma"], args["model_options"])
+
+
+def _evaluate_cond_only(chained: Callable[[dict], list] | None, args: dict) -> torch.Tensor:
+    """One forward pass for the cond alone (the uncond slot is ``None``, so the host skips it)."""
+    if chained is not None:
+        return chained(dict(args, conds=[args["conds"][0], None]))[0]
+    return comfy.samplers.calc_cond_batch(args["model"], args["conds"][:1], args["input"], args["sigma"], args["model_options"])[0]
+
+
+def _report(config: EngineConfig, host_run: _HostRun, guider_name: str) -> None:
+    run = host_run.run
+    summary = run.finish()
+    label = "FastGuidance [" + "+".join(policy.name for policy in config.policies) + "]"
+    if summary.calls == 0:
+        if host_run.passthrough_calls:
+            log.info("%s: cfg is 1, there is no uncond evaluation to skip", label)
+        else:
+            log.warning("%s: the guider %s never called the guidance engine (it evaluates its conditionings "
+                        "itself, as PerpNegGuider and DualCFGGuider do); nothing was skipped", label, guider_name)
+        return
+    log.info(summary.text(label))
+    _send_to_page(config, run)
+
+
+def _send_to_page(config: EngineConfig, run: GuidanceRun) -> None:
+    """Optional: the frontend draws the record on the node. Silent where no server runs."""
+    if not config.node_ids:
+        return
+    try:
+        from server import PromptServer
+    except ImportError:
+        return
+    instance = getattr(PromptServer, "instance", None)
+    if instance is None:
+        return
+    data = run.to_dict()
+    for node_id in config.node_ids:
+        instance.send_sync(RUN_EVENT, {"node": node_id, **data})

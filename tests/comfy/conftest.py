@@ -1,0 +1,172 @@
+"""Real-host fixtures: a ComfyUI checkout (``COMFYUI_PATH``) and tiny real models built with its classes.
+
+Every test in this folder is marked ``comfy`` and skipped, with the reason, when ``COMFYUI_PATH``
+is not set. Run them with ComfyUI's own Python environment::
+
+    COMFYUI_PATH=/path/to/ComfyUI /path/to/comfy-venv/bin/python -m pytest -m comfy
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+PACK_DIR = Path(__file__).resolve().parents[2]
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+SKIP_REASON = "needs a ComfyUI checkout: set COMFYUI_PATH (see COMFYUI.md §6 and the README)"
+
+
+def pytest_collection_modifyitems(config, items):
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.comfy)
+            if not COMFYUI_PATH:
+                item.add_marker(pytest.mark.skip(reason=SKIP_REASON))
+
+
+@dataclass
+class Host:
+    """The imported host and the pack as ComfyUI loaded it."""
+
+    nodes: types.ModuleType  # ComfyUI's nodes.py
+    pack: types.ModuleType  # the pack's root module, as loaded by ComfyUI
+    node_classes: dict = field(default_factory=dict)
+
+    def node(self, node_id: str, unique_id: str | None = None):
+        """A V3 node class prepared the way the executor does (hidden inputs set)."""
+        cls = self.nodes.NODE_CLASS_MAPPINGS[node_id]
+        if hasattr(cls, "PREPARE_CLASS_CLONE"):
+            return cls.PREPARE_CLASS_CLONE({"UNIQUE_ID": unique_id} if unique_id else {})
+        return cls()
+
+    def call(self, node_id: str, *args):
+        """Run any node (V1 or V3) with positional inputs; returns its outputs (indexable)."""
+        cls = self.nodes.NODE_CLASS_MAPPINGS[node_id]
+        if hasattr(cls, "PREPARE_CLASS_CLONE"):
+            return cls.PREPARE_CLASS_CLONE({}).execute(*args)
+        return getattr(cls(), cls.FUNCTION)(*args)
+
+
+def import_comfy() -> None:
+    if COMFYUI_PATH not in sys.path:
+        sys.path.insert(0, COMFYUI_PATH)
+    # The registry's torchvision is a CUDA build whose compiled ops do not load next to CPU torch;
+    # ComfyUI imports torchvision but does not need them (COMFYUI.md §6).
+    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+    from comfy.cli_args import args
+
+    if not torch.cuda.is_available():
+        args.cpu = True
+
+
+@pytest.fixture(scope="session")
+def host() -> Host:
+    import_comfy()
+    import nodes
+
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    assert asyncio.run(nodes.load_custom_node(str(PACK_DIR))), "ComfyUI failed to load the pack"
+    pack = sys.modules[str(PACK_DIR).replace(".", "_x_")]
+    return Host(nodes=nodes, pack=pack)
+
+
+def tiny_unet_config(dtype=torch.float32) -> dict:
+    """A shrunken SD1.5 UNet (two levels, 32 channels, context 64): about 1 M parameters."""
+    return {
+        "in_channels": 4, "out_channels": 4, "model_channels": 32, "num_res_blocks": [1, 1],
+        "channel_mult": [1, 2], "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1],
+        "transformer_depth_middle": 1, "context_dim": 64, "num_head_channels": 16, "num_heads": -1,
+        "use_linear_in_transformer": False, "adm_in_channels": None, "use_temporal_attention": False,
+        "image_size": 32, "use_spatial_transformer": True, "legacy": False, "dtype": dtype,
+    }
+
+
+def seeded_weights(module: torch.nn.Module, seed: int, attn2_std: float = 0.1, std: float = 0.05) -> None:
+    """Fill uninitialised weights deterministically; larger cross-attention weights make the
+    prompt matter, so that the cosine of cond and uncond rises over the steps (COMFYUI.md §6)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            scale = attn2_std if ".attn2." in name else std
+            if name.endswith("bias"):
+                parameter.zero_()
+            elif "norm" in name and parameter.dim() == 1:
+                parameter.fill_(1.0)
+            else:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(host):
+    """A real SD1.5 ``BaseModel`` (tiny) in a ``ModelPatcher``, seeded."""
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    model = comfy.supported_models.SD15(tiny_unet_config()).get_model({})
+    seeded_weights(model, seed=0)
+    device = comfy.model_management.get_torch_device()
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
+
+
+def make_conds(batch: int = 1, context_dim: int = 64, seed: int = 1, positive_scale: float = 3.0):
+    generator = torch.Generator().manual_seed(seed)
+    positive = torch.randn(batch, 77, context_dim, generator=generator) * positive_scale
+    negative = torch.randn(batch, 77, context_dim, generator=generator) * 0.1
+    return [[positive, {}]], [[negative, {}]]
+
+
+@pytest.fixture()
+def conds():
+    return make_conds()
+
+
+def latent(batch: int = 1, size: int = 8, seed: int = 2) -> dict:
+    return {"samples": torch.zeros(batch, 4, size, size)}
+
+
+class CallCounter:
+    """Counts forward passes and the conds in each, via ``model_function_wrapper``."""
+
+    def __init__(self):
+        self.calls: list[list[int]] = []  # cond_or_uncond of each forward pass
+
+    def __deepcopy__(self, memo):
+        return self  # model_options are deep-copied on clone(): keep counting into this object
+
+    def __call__(self, apply_model, args):
+        self.calls.append(list(args["cond_or_uncond"]))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    @property
+    def uncond_passes(self) -> int:
+        return sum(1 for call in self.calls if 1 in call)
+
+    @property
+    def cond_passes(self) -> int:
+        return sum(1 for call in self.calls if 0 in call)
+
+
+def counted(model):
+    """A clone of ``model`` that counts its forward passes; returns (clone, counter)."""
+    counter = CallCounter()
+    clone = model.clone()
+    clone.set_model_unet_function_wrapper(counter)
+    return clone, counter
+
+
+def ksampler(host: Host, model, positive, negative, cfg=6.0, sampler_name="euler", scheduler="normal", steps=10,
+             batch=1, denoise=1.0, seed=3, latent_image=None):
+    """Run the stock KSampler node function and return the latent tensor."""
+    latent_image = latent_image if latent_image is not None else latent(batch)
+    out = host.nodes.common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
+                                     latent_image, denoise=denoise)
+    return out[0]["samples"]

@@ -1,0 +1,140 @@
+import math
+
+import pytest
+import torch
+
+from fastguidance.engine import Action
+from fastguidance.errors import InvalidInputError
+from fastguidance.policies import AdaptiveGuidance
+from fastguidance.sampling import sample
+from fastguidance.schedules import DiscreteVPSchedule, make_sigmas
+from toy_models import GaussianModel, ScriptedCosineModel
+
+SCHEDULE = DiscreteVPSchedule()
+
+
+def sigmas(steps=20, scheduler="karras"):
+    return make_sigmas(SCHEDULE, scheduler, steps)
+
+
+def expected_cutoff_step(model, schedule, threshold, sample_index):
+    """First step whose cosine reaches the threshold (the latch happens after that step)."""
+    for step, sigma in enumerate(schedule[:-1]):
+        if float(model.expected_cosine(sigma)[sample_index]) >= threshold:
+            return step
+    return None
+
+
+@pytest.mark.parametrize("threshold,bad", [(-0.1, "threshold"), (1.5, "threshold")])
+def test_threshold_outside_range_is_refused(threshold, bad):
+    with pytest.raises(InvalidInputError, match=bad):
+        AdaptiveGuidance(threshold=threshold)
+
+
+def test_window_with_start_after_end_is_refused_with_the_fix():
+    with pytest.raises(InvalidInputError, match="start_percent.*start_percent <= end_percent"):
+        AdaptiveGuidance(start_percent=0.8, end_percent=0.2)
+
+
+def test_bad_percent_and_mode_are_refused():
+    with pytest.raises(InvalidInputError, match="end_percent"):
+        AdaptiveGuidance(end_percent=1.5)
+    with pytest.raises(InvalidInputError, match="after_cutoff"):
+        AdaptiveGuidance(after_cutoff="zeros")
+
+
+def test_threshold_above_one_is_exactly_plain_cfg():
+    model = ScriptedCosineModel(shape=(2, 4, 8, 8), rates=[1.0, 3.0])
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    plain = sample(model, noise, sigmas(), "cond", "uncond", 7.0, "dpmpp_2m")
+    never = sample(model, noise, sigmas(), "cond", "uncond", 7.0, "dpmpp_2m", [AdaptiveGuidance(threshold=1.0001)])
+    assert torch.equal(plain.latent, never.latent)
+    assert never.run.summary().uncond_skipped == 0
+
+
+def test_each_sample_latches_at_its_own_step_and_stays_cond_only():
+    # rates differ: sample 1's cosine rises faster, so it crosses the threshold earlier
+    model = ScriptedCosineModel(shape=(2, 4, 8, 8), rates=[1.0, 0.4])
+    schedule = sigmas(20).tolist()
+    threshold = 0.99
+    result = sample(model, torch.randn(2, 4, 8, 8), schedule, "cond", "uncond", 5.0, "euler",
+                    [AdaptiveGuidance(threshold=threshold)])
+    records = result.run.records
+    for b in range(2):
+        crossing = expected_cutoff_step(model, schedule, threshold, b)
+        actions = [record.actions[b] for record in records]
+        assert actions[: crossing + 1] == [Action.FULL] * (crossing + 1)
+        assert actions[crossing + 1:] == [Action.COND_ONLY] * (len(actions) - crossing - 1)
+        # the measured cosine is the model's, per sample
+        assert records[crossing].cosine[b] == pytest.approx(float(model.expected_cosine(schedule[crossing])[b]), abs=1e-5)
+    # the uncond is saved only once both samples are past their cutoff
+    last_crossing = max(expected_cutoff_step(model, schedule, threshold, b) for b in range(2))
+    skipped = [record.evaluations == 1 for record in records]
+    assert skipped == [False] * (last_crossing + 1) + [True] * (len(records) - last_crossing - 1)
+    # the model was called with the uncond exactly when the record says so
+    assert [len(c) == 1 for c in model.calls] == skipped
+
+
+def test_a_sample_gives_the_same_result_alone_and_in_a_batch():
+    model = ScriptedCosineModel(shape=(2, 4, 8, 8), rates=[1.0, 0.4])
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    policy = [AdaptiveGuidance(threshold=0.99)]
+    batch = sample(model, noise, sigmas(), "cond", "uncond", 5.0, "euler", policy).latent
+    alone = ScriptedCosineModel(shape=(1, 4, 8, 8), rates=[1.0])
+    alone.e_c, alone.e_perp = model.e_c[:1], model.e_perp[:1]
+    single = sample(alone, noise[:1], sigmas(), "cond", "uncond", 5.0, "euler", policy).latent
+    assert torch.allclose(batch[:1], single, atol=1e-6)
+
+
+def test_window_keeps_guidance_outside_it():
+    model = ScriptedCosineModel(shape=(1, 4, 8, 8), rates=[0.2])  # cosine high from the start
+    schedule = sigmas(20).tolist()
+    policy = AdaptiveGuidance(threshold=0.95, start_percent=0.5, end_percent=0.8)
+    result = sample(model, torch.randn(1, 4, 8, 8), schedule, "cond", "uncond", 5.0, "euler", [policy],
+                    percent_to_sigma=SCHEDULE.percent_to_sigma)
+    sigma_start, sigma_end = SCHEDULE.percent_to_sigma(0.5), SCHEDULE.percent_to_sigma(0.8)
+    for record in result.run.records:
+        if not sigma_end <= record.sigma <= sigma_start:
+            assert record.actions == (Action.FULL,)
+    in_window = [r for r in result.run.records if sigma_end <= r.sigma <= sigma_start]
+    assert in_window[0].actions == (Action.FULL,)  # latches on its first measurement in the window
+    assert all(r.actions == (Action.COND_ONLY,) for r in in_window[1:])
+    assert len(in_window) >= 3
+
+
+def test_reuse_after_cutoff_keeps_the_last_guidance_term():
+    model = ScriptedCosineModel(shape=(1, 4, 8, 8), rates=[0.5])
+    schedule = sigmas(10).tolist()
+    result = sample(model, torch.randn(1, 4, 8, 8), schedule, "cond", "uncond", 5.0, "euler",
+                    [AdaptiveGuidance(threshold=0.99, after_cutoff="reuse")])
+    actions = [record.actions[0] for record in result.run.records]
+    assert Action.REUSE in actions and Action.COND_ONLY not in actions
+    first = actions.index(Action.REUSE)
+    assert all(a == Action.REUSE for a in actions[first:])
+
+
+def test_cfg_one_passes_through_without_a_decision():
+    model = ScriptedCosineModel(shape=(1, 4, 8, 8))
+    result = sample(model, torch.randn(1, 4, 8, 8), sigmas(5), "cond", "uncond", 1.0, "euler",
+                    [AdaptiveGuidance(threshold=0.5)])
+    assert result.run.summary().calls == 0
+    assert all(c == ("cond",) for c in model.calls)
+
+
+def test_ag_on_gaussian_data_keeps_the_guided_mean_when_it_does_not_cut():
+    model = GaussianModel(mean_cond=1.0, mean_uncond=0.0, std=0.3)
+    noise = torch.randn(64, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    guided = sample(model, noise, sigmas(30), "cond", "uncond", 2.0, "dpmpp_2m", [AdaptiveGuidance(threshold=1.0001)])
+    assert float(guided.latent.mean()) == pytest.approx(2.0, abs=0.05)
+
+
+def test_summary_line_reads_like_the_log():
+    model = ScriptedCosineModel(shape=(1, 4, 8, 8), rates=[0.5])
+    result = sample(model, torch.randn(1, 4, 8, 8), sigmas(30).tolist(), "cond", "uncond", 5.0, "euler",
+                    [AdaptiveGuidance(threshold=0.99)])
+    summary = result.run.summary()
+    text = summary.text("AG")
+    assert text == (f"AG: {summary.uncond_skipped}/30 uncond evaluations skipped, "
+                    f"{60 / (60 - summary.uncond_skipped):.2f}x fewer model evaluations "
+                    f"({60 - summary.uncond_skipped} of 60)")
+    assert 0 < summary.uncond_skipped < 30

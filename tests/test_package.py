@@ -1,0 +1,94 @@
+"""The pack's shape: a pure core, an import-safe root, requirements that agree."""
+
+import ast
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+HOST_MODULES = {"comfy", "comfy_api", "comfy_extras", "folder_paths", "nodes", "server", "execution", "comfy_execution"}
+
+
+def imported_top_level_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_core_never_imports_the_host():
+    offenders = {}
+    for path in (ROOT / "fastguidance").rglob("*.py"):
+        bad = imported_top_level_modules(path) & HOST_MODULES
+        if bad:
+            offenders[str(path.relative_to(ROOT))] = sorted(bad)
+    assert offenders == {}, f"the core must not import ComfyUI: {offenders}"
+
+
+def test_core_never_reaches_out_of_its_package():
+    for path in (ROOT / "fastguidance").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        depth = len(path.relative_to(ROOT / "fastguidance").parts) - 1
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level > depth + 1:
+                raise AssertionError(f"{path}: relative import leaves the core package")
+
+
+def test_root_init_imports_without_comfyui():
+    spec = importlib.util.spec_from_file_location("fastguidance_pack_root", ROOT / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[spec.name]
+    assert module.WEB_DIRECTORY == "./js"
+    assert (ROOT / "js").is_dir()
+    if importlib.util.find_spec("comfy_api") is None:
+        assert not hasattr(module, "comfy_entrypoint")
+
+
+def test_requirements_never_list_torch_and_agree_with_pyproject():
+    requirements = [line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
+    requirements = sorted(r for r in requirements if r)
+    assert not any(re.match(r"torch\b", r) for r in requirements)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert sorted(project["project"]["dependencies"]) == requirements
+    assert "tool" in project and "comfy" in project["tool"]
+    assert project["project"]["requires-comfyui"].startswith(">=")
+
+
+def node_ids() -> set[str]:
+    return set(re.findall(r'node_id="(FastGuidance_[A-Za-z0-9]+)"', "".join(
+        p.read_text() for p in (ROOT / "nodes").glob("*.py"))))
+
+
+def test_every_node_is_in_the_readme_and_the_node_list():
+    readme = (ROOT / "README.md").read_text()
+    ids = node_ids()
+    assert ids, "no node ids found"
+    for node_id in ids:
+        assert node_id in readme, f"README.md does not document {node_id}"
+    node_list = (ROOT / "nodes" / "__init__.py").read_text()
+    classes = re.findall(r"class (\w+)\(io\.ComfyNode\)", "".join(p.read_text() for p in (ROOT / "nodes").glob("*.py")))
+    for cls in classes:
+        assert cls in node_list, f"{cls} is not in the one list of nodes (nodes/__init__.py)"
+
+
+def test_no_print_in_the_pack():
+    for folder in ("fastguidance", "nodes"):
+        for path in (ROOT / folder).rglob("*.py"):
+            tree = ast.parse(path.read_text())
+            calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "print"]
+            assert not calls, f"{path} uses print(); use logging"
