@@ -74,7 +74,7 @@ class AdaptiveGuidanceNode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, threshold=None, start_percent=None, end_percent=None, after_cutoff=None, **_) -> bool | str:
+    def validate_inputs(cls, threshold=None, start_percent=None, end_percent=None, after_cutoff=None) -> bool | str:
         return _validate(threshold, start_percent, end_percent, after_cutoff)
 
     @classmethod
@@ -106,7 +106,7 @@ class AdaptiveGuiderNode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, threshold=None, start_percent=None, end_percent=None, after_cutoff=None, **_) -> bool | str:
+    def validate_inputs(cls, threshold=None, start_percent=None, end_percent=None, after_cutoff=None) -> bool | str:
         return _validate(threshold, start_percent, end_percent, after_cutoff)
 
     @classmethod

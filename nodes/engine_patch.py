@@ -87,7 +87,10 @@ def engine_outer_sample(executor, *args, **kwargs):
         return executor(*args, **kwargs)
     finally:
         guider.model_options = original_options
-        _report(config, host_run, type(guider).__name__)
+        try:
+            _report(config, host_run, type(guider).__name__)
+        except Exception:  # reporting must never mask the sampler's own result or error
+            log.exception("FastGuidance: could not report the run")
 
 
 def engine_calc_cond_batch(args: dict) -> list:

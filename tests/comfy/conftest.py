@@ -12,11 +12,13 @@ import asyncio
 import os
 import sys
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+
+import host_models
 
 PACK_DIR = Path(__file__).resolve().parents[2]
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
@@ -38,7 +40,6 @@ class Host:
 
     nodes: types.ModuleType  # ComfyUI's nodes.py
     pack: types.ModuleType  # the pack's root module, as loaded by ComfyUI
-    node_classes: dict = field(default_factory=dict)
 
     def node(self, node_id: str, unique_id: str | None = None):
         """A V3 node class prepared the way the executor does (hidden inputs set)."""
@@ -55,21 +56,9 @@ class Host:
         return getattr(cls(), cls.FUNCTION)(*args)
 
 
-def import_comfy() -> None:
-    if COMFYUI_PATH not in sys.path:
-        sys.path.insert(0, COMFYUI_PATH)
-    # The registry's torchvision is a CUDA build whose compiled ops do not load next to CPU torch;
-    # ComfyUI imports torchvision but does not need them (COMFYUI.md §6).
-    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
-    from comfy.cli_args import args
-
-    if not torch.cuda.is_available():
-        args.cpu = True
-
-
 @pytest.fixture(scope="session")
 def host() -> Host:
-    import_comfy()
+    host_models.import_comfy(COMFYUI_PATH)
     import nodes
 
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
@@ -78,43 +67,10 @@ def host() -> Host:
     return Host(nodes=nodes, pack=pack)
 
 
-def tiny_unet_config(dtype=torch.float32) -> dict:
-    """A shrunken SD1.5 UNet (two levels, 32 channels, context 64): about 1 M parameters."""
-    return {
-        "in_channels": 4, "out_channels": 4, "model_channels": 32, "num_res_blocks": [1, 1],
-        "channel_mult": [1, 2], "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1],
-        "transformer_depth_middle": 1, "context_dim": 64, "num_head_channels": 16, "num_heads": -1,
-        "use_linear_in_transformer": False, "adm_in_channels": None, "use_temporal_attention": False,
-        "image_size": 32, "use_spatial_transformer": True, "legacy": False, "dtype": dtype,
-    }
-
-
-def seeded_weights(module: torch.nn.Module, seed: int, attn2_std: float = 0.1, std: float = 0.05) -> None:
-    """Fill uninitialised weights deterministically; larger cross-attention weights make the
-    prompt matter, so that the cosine of cond and uncond rises over the steps (COMFYUI.md §6)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in module.named_parameters():
-            scale = attn2_std if ".attn2." in name else std
-            if name.endswith("bias"):
-                parameter.zero_()
-            elif "norm" in name and parameter.dim() == 1:
-                parameter.fill_(1.0)
-            else:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
-
-
 @pytest.fixture(scope="session")
 def tiny_model(host):
     """A real SD1.5 ``BaseModel`` (tiny) in a ``ModelPatcher``, seeded."""
-    import comfy.model_management
-    import comfy.model_patcher
-    import comfy.supported_models
-
-    model = comfy.supported_models.SD15(tiny_unet_config()).get_model({})
-    seeded_weights(model, seed=0)
-    device = comfy.model_management.get_torch_device()
-    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
+    return host_models.patcher(host_models.tiny_model(seed=0))
 
 
 def make_conds(batch: int = 1, context_dim: int = 64, seed: int = 1, positive_scale: float = 3.0):

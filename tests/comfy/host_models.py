@@ -1,0 +1,112 @@
+"""Tiny real models built with ComfyUI's own classes (COMFYUI.md §6): nothing is downloaded.
+
+Shared by the real-host tests, the server test (which runs this file as a script to write a UNet
+file that ComfyUI's loaders detect as SD1.5) and ``benchmarks/host_overhead.py``.
+
+    python host_models.py OUT.safetensors     # run with cwd = a ComfyUI checkout
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import types
+
+import torch
+
+
+def import_comfy(comfyui_path: str) -> None:
+    """Make a ComfyUI checkout importable on this machine (CPU unless CUDA is there)."""
+    if comfyui_path not in sys.path:
+        sys.path.insert(0, comfyui_path)
+    # The registry's torchvision is a CUDA build whose compiled ops do not load next to CPU torch;
+    # ComfyUI imports torchvision but does not need them (COMFYUI.md §6).
+    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+    from comfy.cli_args import args
+
+    if not torch.cuda.is_available():
+        args.cpu = True
+
+
+def _unet_config(model_channels: int, channel_mult: list[int], context_dim: int, heads: dict) -> dict:
+    levels = len(channel_mult)
+    return {
+        "in_channels": 4, "out_channels": 4, "model_channels": model_channels, "num_res_blocks": [1] * levels,
+        "channel_mult": channel_mult, "transformer_depth": [1] * levels, "transformer_depth_output": [1] * (2 * levels),
+        "transformer_depth_middle": 1, "context_dim": context_dim, "use_linear_in_transformer": False,
+        "adm_in_channels": None, "use_temporal_attention": False, "image_size": 32, "use_spatial_transformer": True,
+        "legacy": False, "dtype": torch.float32, **heads,
+    }
+
+
+def tiny_unet_config() -> dict:
+    """A shrunken SD1.5 UNet (two levels, 32 channels, context 64): about 1 M parameters, in-process only."""
+    return _unet_config(32, [1, 2], 64, {"num_head_channels": 16, "num_heads": -1})
+
+
+def sd15_detectable_unet_config() -> dict:
+    """One level that keeps 320 channels and context 768 (26 M parameters): the loaders detect SD1.5."""
+    return _unet_config(320, [1], 768, {"num_heads": 8, "num_head_channels": -1})
+
+
+def seeded_weights(module: torch.nn.Module, seed: int, attn2_std: float, std: float) -> None:
+    """Fill the (uninitialised) weights deterministically.
+
+    Larger cross-attention weights make the prompt matter, so that the cosine of the cond and uncond
+    predictions rises over the steps, the regime Adaptive Guidance needs. Good values depend on the
+    width: 0.1 for the 32-channel tiny UNet (0.68 → 0.997 over 10 steps), 0.03 for the 320-channel
+    one (0.64 → 0.99 over 8 steps); much larger makes cond and uncond unrelated (cosine near 0).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            if name.endswith("bias"):
+                parameter.zero_()
+            elif "norm" in name and parameter.dim() == 1:
+                parameter.fill_(1.0)
+            else:
+                scale = attn2_std if ".attn2." in name else std
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+
+
+def tiny_model(seed: int = 0):
+    """The tiny SD1.5 ``BaseModel`` with seeded weights."""
+    import comfy.supported_models
+
+    model = comfy.supported_models.SD15(tiny_unet_config()).get_model({})
+    seeded_weights(model, seed, attn2_std=0.1, std=0.05)
+    return model
+
+
+def sd15_detectable_model(seed: int = 0):
+    """The SD1.5-detectable ``BaseModel`` with seeded weights."""
+    import comfy.supported_models
+
+    model = comfy.supported_models.SD15(sd15_detectable_unet_config()).get_model({})
+    seeded_weights(model, seed, attn2_std=0.03, std=0.02)
+    return model
+
+
+def patcher(model):
+    """Wrap a ``BaseModel`` the way the loaders do, on the host's device."""
+    import comfy.model_management
+    import comfy.model_patcher
+
+    device = comfy.model_management.get_torch_device()
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
+
+
+def main(path: str) -> None:
+    import json
+
+    import_comfy(os.getcwd())
+    import comfy.utils
+
+    model = sd15_detectable_model()
+    state_dict = {name: value.contiguous() for name, value in model.diffusion_model.state_dict().items()}
+    comfy.utils.save_torch_file(state_dict, path)
+    sys.stdout.write(json.dumps({"parameters": sum(v.numel() for v in state_dict.values()), "tensors": len(state_dict)}) + "\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,488 @@
+"""The pack in a real ComfyUI server, installed the way users install it (a folder in ``custom_nodes``).
+
+One server is started for the module, from ``COMFYUI_PATH`` with the Python running pytest, in a
+temporary folder that holds:
+
+- ``custom_nodes/FastGuidance``: a copy of this repository (no ``.git``, virtual environments or caches);
+- ``custom_nodes/fgtest_conditioning``: a test-only pack with ``FGTest_RandomConditioning`` (seeded
+  random CONDITIONING, so no text encoder weights are needed);
+- ``diffusion_models/fg_tiny_sd15_unet.safetensors``: a one-level UNet with 320 channels and context
+  768, built at test time with ComfyUI's own SD15 classes and seeded weights; model detection takes
+  it for SD1.5 and the built-in ``UNETLoader`` loads it;
+- ``extra_model_paths.yaml`` that points ``diffusion_models`` and ``custom_nodes`` there, and
+  ``--base-directory`` set to an empty folder, so that the checkout's own models, packs, output and
+  user folders are neither used nor written.
+
+The server's log is kept in the temporary folder and appended to every failure message.
+Uses only the standard library for HTTP, so that collecting this file never needs ``requests``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+PACK_DIR = Path(__file__).resolve().parents[2]
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+
+#: folder name of the pack inside custom_nodes (what a user's clone would be called)
+PACK_FOLDER = "FastGuidance"
+UNET_NAME = "fg_tiny_sd15_unet.safetensors"
+STARTUP_TIMEOUT_S = 120
+PROMPT_TIMEOUT_S = 120
+
+#: what the pack must register, with its menu category
+EXPECTED_NODES = {
+    "FastGuidance_AdaptiveGuidance": "sampling/fastguidance",
+    "FastGuidance_AdaptiveGuider": "sampling/custom_sampling/guiders",
+}
+#: node types that only the frontend knows (never in /object_info)
+FRONTEND_ONLY_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+CONTROL_AFTER_GENERATE = {"fixed", "increment", "decrement", "randomize"}
+MODEL_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft", ".gguf")
+
+#: names (and patterns) left out of the copy of the pack
+COPY_IGNORE = shutil.ignore_patterns(
+    ".git", ".venv", "venv", "__pycache__", "*.pyc", ".pytest_cache", ".mypy_cache", ".ruff_cache",
+    "*.egg-info", "bench_out", "outputs", "output", "*.safetensors", "*.ckpt",
+)
+
+# --------------------------------------------------------------------------------------------------
+# Files the test writes into the temporary folder
+
+#: torchvision from the registry is a CUDA build whose compiled ops do not load next to CPU torch;
+#: ComfyUI imports torchvision but does not need them (COMFYUI.md §6 step 3).
+SITECUSTOMIZE = '''\
+import sys
+import types
+
+sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+'''
+
+#: a test-only pack: CONDITIONING without CLIP weights
+TEST_PACK = '''\
+"""Test-only nodes for FastGuidance's server test. Never installed by users."""
+
+import torch
+
+
+class FGTestRandomConditioning:
+    DESCRIPTION = "Seeded random CONDITIONING [1, 77, 768] times scale (test only, no text encoder)."
+    CATEGORY = "_for_testing/fastguidance"
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
+            "scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.01}),
+        }}
+
+    def make(self, seed, scale):
+        generator = torch.Generator().manual_seed(seed)
+        return ([[torch.randn(1, 77, 768, generator=generator) * scale, {}]],)
+
+
+NODE_CLASS_MAPPINGS = {"FGTest_RandomConditioning": FGTestRandomConditioning}
+'''
+
+#: writes the SD1.5-detectable test UNet (run with cwd COMFYUI_PATH): argv[1] = output file
+MAKE_UNET = Path(__file__).with_name("host_models.py")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------------------------------
+# The server
+
+
+@dataclass
+class Response:
+    status: int
+    body: object
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+    root: Path
+    output_dir: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
+
+    def request(self, path: str, payload: object | None = None, timeout: float = 30) -> Response:
+        data = None if payload is None else json.dumps(payload).encode()
+        request = urllib.request.Request(self.url + path, data=data,
+                                         headers={"Content-Type": "application/json"} if data else {})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                status, raw = response.status, response.read()
+        except urllib.error.HTTPError as error:
+            status, raw = error.code, error.read()
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = raw.decode(errors="replace")
+        return Response(status, body)
+
+    def get(self, path: str) -> object:
+        response = self.request(path)
+        assert response.status == 200, f"GET {path} -> {response.status}: {response.body}"
+        return response.body
+
+    @contextlib.contextmanager
+    def explain(self):
+        """Append the server log to any assertion that fails inside the block."""
+        try:
+            yield
+        except AssertionError as error:
+            raise AssertionError(f"{error}\n\n----- ComfyUI log ({self.log_path}) -----\n{self.log()}") from None
+
+    def run_prompt(self, prompt: dict) -> tuple[str, dict]:
+        """Queue an API-format prompt and wait for its history entry; returns (prompt_id, entry)."""
+        response = self.request("/prompt", {"prompt": prompt, "client_id": "fastguidance-test"})
+        assert response.status == 200, f"/prompt refused the workflow ({response.status}): {json.dumps(response.body, indent=1)}"
+        prompt_id = response.body["prompt_id"]
+        deadline = time.monotonic() + PROMPT_TIMEOUT_S
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, "the server exited while running the prompt"
+            entry = self.get(f"/history/{prompt_id}").get(prompt_id)
+            if entry and entry.get("status", {}).get("completed") is not None:
+                if entry["status"]["completed"] or entry["status"].get("status_str") == "error":
+                    return prompt_id, entry
+            time.sleep(0.5)
+        raise AssertionError(f"prompt {prompt_id} did not finish within {PROMPT_TIMEOUT_S} s")
+
+
+def _write_environment(root: Path) -> tuple[Path, Path, Path]:
+    """The temporary install: packs, model folder, YAML, sitecustomize. Returns (yaml, site dir, models dir)."""
+    env = root / "env"
+    custom_nodes = env / "custom_nodes"
+    diffusion_models = env / "models" / "diffusion_models"
+    site = root / "site"
+    for folder in (custom_nodes, diffusion_models, site, root / "base" / "custom_nodes"):
+        folder.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(PACK_DIR, custom_nodes / PACK_FOLDER, ignore=COPY_IGNORE)
+    (custom_nodes / "fgtest_conditioning").mkdir()
+    (custom_nodes / "fgtest_conditioning" / "__init__.py").write_text(TEST_PACK)
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    config = root / "extra_model_paths.yaml"
+    config.write_text(
+        "fastguidance_test:\n"
+        f"  base_path: {json.dumps(str(env))}\n"
+        "  diffusion_models: models/diffusion_models\n"
+        "  custom_nodes: custom_nodes\n"
+    )
+    return config, site, diffusion_models
+
+
+def _subprocess_env(site: Path) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(site)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("comfy_server")
+    config, site, diffusion_models = _write_environment(root)
+    env = _subprocess_env(site)
+
+    made = subprocess.run([sys.executable, str(MAKE_UNET), str(diffusion_models / UNET_NAME)], cwd=COMFYUI_PATH,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, f"building the test UNet failed:\n{made.stdout}\n{made.stderr}"
+
+    port = free_port()
+    log_path = root / "comfyui.log"
+    base = root / "base"
+    command = [
+        sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
+        "--extra-model-paths-config", str(config), "--database-url", "sqlite:///:memory:",
+        "--base-directory", str(base),
+    ]
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(command, cwd=COMFYUI_PATH, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+    srv = Server(f"http://127.0.0.1:{port}", process, log_path, root, base / "output")
+    try:
+        with srv.explain():
+            deadline = time.monotonic() + STARTUP_TIMEOUT_S
+            while True:
+                assert process.poll() is None, f"ComfyUI exited during start-up with code {process.returncode}"
+                assert time.monotonic() < deadline, f"/object_info did not answer within {STARTUP_TIMEOUT_S} s"
+                try:
+                    if srv.request("/object_info", timeout=5).status == 200:
+                        break
+                except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                    pass
+                time.sleep(0.5)
+        yield srv
+    finally:
+        _stop(process)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is not None:
+        return
+    # The server was started in its own session: its process group holds only what it started.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def object_info(server) -> dict:
+    return server.get("/object_info")
+
+
+# --------------------------------------------------------------------------------------------------
+# Workflows (API format)
+
+
+def pack_node_ids() -> set[str]:
+    """Every FastGuidance node id defined in the pack's source."""
+    ids = set()
+    for path in (PACK_DIR / "nodes").glob("*.py"):
+        ids.update(re.findall(r'node_id\s*=\s*"(FastGuidance_\w+)"', path.read_text(encoding="utf-8")))
+    return ids
+
+
+SETTINGS = {"threshold": 0.95, "start_percent": 0.0, "end_percent": 1.0, "after_cutoff": "cond_only"}
+
+
+def base_prompt() -> dict:
+    return {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": UNET_NAME, "weight_dtype": "default"}},
+        "2": {"class_type": "FGTest_RandomConditioning", "inputs": {"seed": 1, "scale": 3.0}},
+        "3": {"class_type": "FGTest_RandomConditioning", "inputs": {"seed": 2, "scale": 0.1}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+    }
+
+
+def patch_branch(settings: dict = SETTINGS) -> dict:
+    """UNETLoader -> FastGuidance_AdaptiveGuidance -> KSampler -> SaveLatent."""
+    return {
+        "10": {"class_type": "FastGuidance_AdaptiveGuidance", "inputs": {"model": ["1", 0], **settings}},
+        "11": {"class_type": "KSampler", "inputs": {
+            "model": ["10", 0], "seed": 3, "steps": 8, "cfg": 6.0, "sampler_name": "euler", "scheduler": "normal",
+            "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "denoise": 1.0}},
+        "12": {"class_type": "SaveLatent", "inputs": {"samples": ["11", 0], "filename_prefix": "fgtest/patch_ksampler"}},
+    }
+
+
+def guider_branch(settings: dict = SETTINGS) -> dict:
+    """UNETLoader -> FastGuidance_AdaptiveGuider -> SamplerCustomAdvanced -> SaveLatent."""
+    return {
+        "20": {"class_type": "FastGuidance_AdaptiveGuider", "inputs": {
+            "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "cfg": 6.0, **settings}},
+        "21": {"class_type": "RandomNoise", "inputs": {"noise_seed": 3}},
+        "22": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+        "23": {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "normal", "steps": 8,
+                                                          "denoise": 1.0}},
+        "24": {"class_type": "SamplerCustomAdvanced", "inputs": {
+            "noise": ["21", 0], "guider": ["20", 0], "sampler": ["22", 0], "sigmas": ["23", 0],
+            "latent_image": ["4", 0]}},
+        "25": {"class_type": "SaveLatent", "inputs": {"samples": ["24", 0], "filename_prefix": "fgtest/guider_custom"}},
+    }
+
+
+def load_latent(server: Server, item: dict):
+    from safetensors.torch import load_file
+
+    path = server.output_dir / item.get("subfolder", "") / item["filename"]
+    assert path.is_file(), f"SaveLatent reported {item} but {path} does not exist"
+    return load_file(str(path))["latent_tensor"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Tests
+
+
+def test_pack_imports_from_custom_nodes(server):
+    log = server.log()
+    pack_path = str(server.root / "env" / "custom_nodes" / PACK_FOLDER)
+    with server.explain():
+        failed = [line for line in log.splitlines()
+                  if ("IMPORT FAILED" in line or "Cannot import" in line) and PACK_FOLDER in line]
+        assert not failed, f"ComfyUI failed to import the pack: {failed}"
+        timing = [line for line in log.splitlines() if re.search(r"seconds.*: " + re.escape(pack_path) + r"$", line)]
+        assert timing, f"the pack at {pack_path} is missing from ComfyUI's import-times list"
+        assert "(IMPORT FAILED)" not in timing[0]
+        assert "fgtest_conditioning" in log and not any(
+            "IMPORT FAILED" in line and "fgtest_conditioning" in line for line in log.splitlines())
+
+
+def test_object_info_lists_nodes_with_categories_descriptions_tooltips(server, object_info):
+    with server.explain():
+        defined = pack_node_ids()
+        assert set(EXPECTED_NODES) <= defined, f"node ids found in nodes/*.py: {sorted(defined)}"
+        listed = {name for name in object_info if name.startswith("FastGuidance_")}
+        assert listed == defined, f"/object_info lists {sorted(listed)}, nodes/*.py defines {sorted(defined)}"
+        assert "FGTest_RandomConditioning" in object_info
+        for node_id in sorted(defined):
+            info = object_info[node_id]
+            if node_id in EXPECTED_NODES:
+                assert info["category"] == EXPECTED_NODES[node_id], node_id
+            assert info["python_module"].startswith("custom_nodes."), (node_id, info["python_module"])
+            assert info.get("description", "").strip(), f"{node_id} has no description"
+            assert info.get("display_name", "").strip(), f"{node_id} has no display name"
+            for section in ("required", "optional"):
+                for name, spec in info["input"].get(section, {}).items():
+                    options = spec[1] if len(spec) > 1 else {}
+                    assert str(options.get("tooltip", "")).strip(), f"{node_id}.{name} ({section}) has no tooltip"
+            tooltips = info.get("output_tooltips") or []
+            assert len(tooltips) == len(info["output"]) and all(t and t.strip() for t in tooltips), \
+                f"{node_id} output tooltips: {tooltips}"
+
+
+def test_workflow_with_both_nodes_runs(server):
+    prompt = {**base_prompt(), **patch_branch(), **guider_branch()}
+    log_before = len(server.log())
+    with server.explain():
+        _, entry = server.run_prompt(prompt)
+        status = entry["status"]
+        errors = [message for message in status.get("messages", []) if message[0] == "execution_error"]
+        assert status.get("status_str") == "success" and status.get("completed") is True and not errors, \
+            json.dumps(status, indent=1)
+        outputs = entry["outputs"]
+        assert set(outputs) >= {"12", "25"}, f"outputs: {outputs}"
+        latents = {node: load_latent(server, outputs[node]["latents"][0]) for node in ("12", "25")}
+        for node, latent in latents.items():
+            assert tuple(latent.shape) == (1, 4, 8, 8) and bool(latent.isfinite().all()), (node, latent.shape)
+        # The patch on KSampler and the guider on SamplerCustomAdvanced run the same policy on the same
+        # noise, sigmas and conditionings: they must agree.
+        difference = float((latents["12"] - latents["25"]).abs().max())
+        assert difference < 1e-4, f"KSampler+patch and SamplerCustomAdvanced+guider differ by {difference}"
+
+        # The engine logs one summary per sampling run (COMFYUI.md §5: logging, not print).
+        new_log = server.log()[log_before:]
+        summaries = re.findall(r"FastGuidance \[ag\]: (\d+)/(\d+) uncond evaluations skipped.*", new_log)
+        assert len(summaries) == 2, f"expected one run summary per sampler, found {summaries}"
+        # With threshold 0.95 the cosine crosses it half-way: some, not all, unconds are skipped.
+        for skipped, calls in summaries:
+            assert int(calls) == 8 and 0 < int(skipped) < 8, summaries
+
+
+@pytest.mark.parametrize("branch", [patch_branch, guider_branch], ids=["patch", "guider"])
+def test_reversed_window_is_refused_before_running(server, branch):
+    bad = dict(SETTINGS, start_percent=0.8, end_percent=0.2)
+    prompt = {**base_prompt(), **branch(bad)}
+    node = "10" if branch is patch_branch else "20"
+    with server.explain():
+        response = server.request("/prompt", {"prompt": prompt, "client_id": "fastguidance-test"})
+        assert response.status == 400, f"{response.status}: {response.body}"
+        node_errors = response.body.get("node_errors", {})
+        assert node in node_errors, json.dumps(response.body, indent=1)
+        messages = [" ".join(str(error.get(key, "")) for key in ("message", "details"))
+                    for error in node_errors[node]["errors"]]
+        assert any("start_percent" in message and "0.8" in message for message in messages), messages
+        assert "prompt_id" not in response.body
+
+
+# --------------------------------------------------------------------------------------------------
+# The example workflows against the running host
+
+
+def widget_inputs(info: dict) -> list[tuple[str, object, dict]]:
+    """(name, type, options) of each entry of ``widgets_values``, in the frontend's order."""
+    widgets = []
+    for section in ("required", "optional"):
+        for name in info.get("input_order", {}).get(section, []):
+            spec = info["input"][section][name]
+            kind, options = spec[0], (spec[1] if len(spec) > 1 else {})
+            if not (isinstance(kind, list) or kind in WIDGET_TYPES) or options.get("forceInput"):
+                continue
+            widgets.append((name, kind, options))
+            if options.get("control_after_generate"):
+                widgets.append(("control_after_generate", "CONTROL", {}))
+    return widgets
+
+
+def socket_type(info: dict, name: str) -> str | None:
+    for section in ("required", "optional"):
+        spec = info["input"].get(section, {}).get(name)
+        if spec is not None:
+            return "COMBO" if isinstance(spec[0], list) else spec[0]
+    return None
+
+
+def check_widget_value(where: str, kind, options: dict, value) -> None:
+    if kind == "CONTROL":
+        assert value in CONTROL_AFTER_GENERATE, f"{where}: {value!r} is not a control_after_generate mode"
+    elif kind in ("INT", "FLOAT"):
+        assert isinstance(value, (int, float)) and not isinstance(value, bool), f"{where}: {value!r} is not a number"
+        assert kind == "FLOAT" or float(value).is_integer(), f"{where}: {value!r} is not an integer"
+        assert options.get("min", value) <= value <= options.get("max", value), f"{where}: {value!r} out of range"
+    elif kind == "BOOLEAN":
+        assert isinstance(value, bool), f"{where}: {value!r}"
+    elif kind == "STRING":
+        assert isinstance(value, str), f"{where}: {value!r}"
+    else:  # combo
+        choices = kind if isinstance(kind, list) else options.get("options", [])
+        if not (isinstance(value, str) and value.endswith(MODEL_FILE_SUFFIXES)):  # model files are not on this host
+            assert value in choices, f"{where}: {value!r} not in {choices}"
+
+
+def test_example_workflows_match_the_host(server, object_info):
+    templates = server.get("/workflow_templates")
+    files = sorted((PACK_DIR / "example_workflows").glob("*.json"))
+    with server.explain():
+        assert files, "no example workflows"
+        assert sorted(templates.get(PACK_FOLDER, [])) == sorted(f.stem for f in files), templates
+        for path in files:
+            served = server.request(f"/api/workflow_templates/{PACK_FOLDER}/{path.name}")
+            assert served.status == 200, f"{path.name} is not served: {served.status}"
+            workflow = json.loads(path.read_text(encoding="utf-8"))
+            nodes = {node["id"]: node for node in workflow["nodes"]}
+            for node in workflow["nodes"]:
+                where = f"{path.name} node {node['id']} ({node['type']})"
+                if node["type"] in FRONTEND_ONLY_NODES:
+                    continue
+                assert node["type"] in object_info, f"{where}: unknown node type"
+                info = object_info[node["type"]]
+                widgets = widget_inputs(info)
+                values = node.get("widgets_values", [])
+                assert len(values) == len(widgets), \
+                    f"{where}: widgets_values {values} do not match widgets {[w[0] for w in widgets]}"
+                for (name, kind, options), value in zip(widgets, values):
+                    check_widget_value(f"{where}.{name}", kind, options, value)
+                for slot in node.get("inputs", []):
+                    assert socket_type(info, slot["name"]) == slot["type"], f"{where}: input {slot}"
+                outputs = [(o["name"], o["type"]) for o in node.get("outputs", [])]
+                assert outputs == list(zip(info["output_name"], info["output"])), f"{where}: outputs {outputs}"
+            for link_id, source, source_slot, target, target_slot, kind in workflow["links"]:
+                source_info = object_info[nodes[source]["type"]]
+                target_node = nodes[target]
+                assert source_info["output"][source_slot] == kind, f"{path.name} link {link_id}: source type"
+                input_name = target_node["inputs"][target_slot]["name"]
+                assert socket_type(object_info[target_node["type"]], input_name) == kind, \
+                    f"{path.name} link {link_id}: target {target_node['type']}.{input_name} is not {kind}"
