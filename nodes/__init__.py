@@ -5,11 +5,13 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from .adaptive_guidance import AdaptiveGuidanceNode, AdaptiveGuiderNode
+from .compare_images import CompareImagesNode
 
 #: the one list of the pack's nodes
 NODES: list[type[io.ComfyNode]] = [
     AdaptiveGuidanceNode,
     AdaptiveGuiderNode,
+    CompareImagesNode,
 ]
 
 

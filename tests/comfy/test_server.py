@@ -49,6 +49,7 @@ PROMPT_TIMEOUT_S = 120
 EXPECTED_NODES = {
     "FastGuidance_AdaptiveGuidance": "sampling/fastguidance",
     "FastGuidance_AdaptiveGuider": "sampling/custom_sampling/guiders",
+    "FastGuidance_CompareImages": "image/fastguidance",
 }
 #: node types that only the frontend knows (never in /object_info)
 FRONTEND_ONLY_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}

@@ -1,0 +1,311 @@
+"""PNG reports of the benchmark, drawn with Pillow alone (no plotting library).
+
+- :func:`image_grid`: labelled rows of images (for example CFG and each method for the same seeds),
+  nearest-neighbour upscaled so that small images (32×32) stay visible.
+- :func:`quality_plot`: a labelled scatter (optionally joined by a line) with axes, ticks and
+  numbers, for example prompt adherence against model evaluations per image.
+
+Both write atomically through :func:`fastguidance.files.atomic_write`: a reader never sees a
+half-written PNG, and a failed write leaves no file behind.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from .errors import InvalidInputError
+from .files import atomic_write
+
+#: grid images are upscaled (integer factor, nearest neighbour) to at least this height by default
+MIN_CELL_HEIGHT = 96
+BACKGROUND = (255, 255, 255)
+INK = (20, 20, 20)
+GRID_INK = (225, 225, 225)
+#: colour-blind-safe palette (Okabe & Ito 2008), cycled over the points of a plot
+#: (its yellow left out: unreadable as text on white)
+PALETTE = [(0, 114, 178), (213, 94, 0), (0, 158, 115), (204, 121, 167), (230, 159, 0), (86, 180, 233),
+           (20, 20, 20)]
+
+
+#: scalable fonts with wide character coverage (×, γ, μ, dashes, accents), tried in order before
+#: Pillow's own default font, whose bundled face covers little beyond ASCII
+_FONT_FILES = ("DejaVuSans.ttf", "Arial.ttf", "arial.ttf", "Helvetica.ttc", "LiberationSans-Regular.ttf")
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    """A font of ``size`` pixels: the first of :data:`_FONT_FILES` that Pillow finds in the system's
+    font folders (DejaVu Sans on most Linux, Arial on Windows and macOS), else Pillow's default font
+    (scalable since Pillow 10.1; its fixed bitmap font before)."""
+    for name in _FONT_FILES:
+        try:
+            return ImageFont.truetype(name, size)
+        except OSError:
+            continue
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 takes no size
+        return ImageFont.load_default()
+
+
+def _text_size(draw: ImageDraw.ImageDraw, text: str, font) -> tuple[int, int]:
+    left, top, right, bottom = draw.multiline_textbbox((0, 0), text, font=font)
+    return right - left, bottom - top
+
+
+def _save_png(image: Image.Image, path: str | os.PathLike) -> Path:
+    atomic_write(path, lambda temporary: image.save(temporary, format="PNG"))
+    return Path(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Image grid
+
+
+def _to_pil(images: torch.Tensor, scale: int) -> list[Image.Image]:
+    """``[B, C, H, W]`` in [0, 1] (C = 1 or 3) → B RGB images, upscaled ×``scale`` (nearest)."""
+    pixels = (images.detach().float().clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
+    if pixels.shape[1] == 1:
+        pixels = pixels.expand(-1, 3, -1, -1)
+    pixels = pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    result = []
+    for array in pixels:
+        image = Image.fromarray(array)  # uint8 [H, W, 3] → RGB
+        if scale != 1:
+            image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+        result.append(image)
+    return result
+
+
+def _check_rows(rows: object) -> list[tuple[str, torch.Tensor]]:
+    if not isinstance(rows, Sequence) or isinstance(rows, (str, bytes)) or not rows:
+        raise InvalidInputError("rows", type(rows).__name__, "expected a non-empty list of (label, images) pairs")
+    checked = []
+    for index, row in enumerate(rows):
+        name = f"rows[{index}]"
+        if not (isinstance(row, Sequence) and len(row) == 2 and isinstance(row[0], str)):
+            raise InvalidInputError(name, type(row).__name__, "expected a (label, images) pair with a str label")
+        label, images = row
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[0] < 1 \
+                or images.shape[1] not in (1, 3) or images.shape[2] < 1 or images.shape[3] < 1:
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise InvalidInputError(name, shape, "expected images [B, 3, H, W] (or [B, 1, H, W]) with values in [0, 1]")
+        if not bool(torch.isfinite(images).all()):
+            raise InvalidInputError(name, "non-finite values", "expected finite image values in [0, 1]")
+        checked.append((label, images))
+    return checked
+
+
+def image_grid(rows: Sequence[tuple[str, torch.Tensor]], path: str | os.PathLike, scale: int | None = None,
+               title: str | None = None, gap: int = 4) -> Path:
+    """Write a PNG with one row per labelled image batch: ``label | image 0 | image 1 | …``.
+
+    Args:
+        rows: ``(label, images)`` pairs; ``images`` is ``[B, 3, H, W]`` (or one channel) in [0, 1]
+            (values outside are clamped). Rows may differ in B and in image size. Labels may hold
+            ``\\n`` for several lines.
+        path: the PNG to write (atomically; its folder is created).
+        scale: integer nearest-neighbour upscaling of every image; ``None`` picks the smallest
+            factor that makes the tallest image at least :data:`MIN_CELL_HEIGHT` pixels high
+            (×3 for 32×32 images, ×1 from 96 pixels up).
+        title: an optional line above the grid.
+        gap: pixels between images and around the grid.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    rows = _check_rows(rows)
+    if scale is None:
+        tallest = max(images.shape[2] for _, images in rows)
+        scale = max(1, math.ceil(MIN_CELL_HEIGHT / tallest))
+    if not isinstance(scale, int) or isinstance(scale, bool) or scale < 1:
+        raise InvalidInputError("scale", scale, "expected an integer upscaling factor ≥ 1 (or None for automatic)")
+
+    font, title_font = _font(14), _font(18)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    pad = max(gap, 8)
+    label_width = max(_text_size(measure, label, font)[0] for label, _ in rows) + 2 * pad
+    cells = [(label, _to_pil(images, scale)) for label, images in rows]
+    row_heights = [max(max(image.height for image in images), _text_size(measure, label, font)[1] + 2 * pad)
+                   for label, images in cells]
+    row_widths = [sum(image.width for image in images) + gap * (len(images) - 1) for _, images in cells]
+    title_height = _text_size(measure, title, title_font)[1] + 2 * pad if title else 0
+    width = label_width + max(row_widths) + pad
+    height = title_height + sum(row_heights) + gap * (len(cells) - 1) + 2 * pad
+    if title:
+        width = max(width, _text_size(measure, title, title_font)[0] + 2 * pad)
+
+    canvas = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((pad, pad), title, fill=INK, font=title_font)
+    top = title_height + pad
+    for (label, images), row_height in zip(cells, row_heights):
+        label_height = _text_size(draw, label, font)[1]
+        draw.multiline_text((pad, top + (row_height - label_height) // 2), label, fill=INK, font=font)
+        left = label_width
+        for image in images:
+            canvas.paste(image, (left, top + (row_height - image.height) // 2))
+            left += image.width + gap
+        top += row_height + gap
+    return _save_png(canvas, path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Quality plot
+
+
+def _nice_ticks(low: float, high: float, target: int = 6) -> tuple[list[float], float]:
+    """Round tick values inside [low, high], about ``target`` of them, with a step of 1, 2, 2.5 or
+    5 × 10^k (Heckbert, "Nice numbers for graph labels", Graphics Gems, 1990); returns (ticks, step)."""
+    raw = (high - low) / max(target - 1, 1)
+    magnitude = 10.0 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1.0, 2.0, 2.5, 5.0, 10.0) if m * magnitude >= raw * (1 - 1e-9))
+    first, last = math.ceil(low / step - 1e-9), math.floor(high / step + 1e-9)
+    return [i * step for i in range(first, last + 1)], step
+
+
+def _padded_range(values: list[float], margin: float = 0.06) -> tuple[float, float]:
+    """The axis limits: [min, max] widened by ``margin`` of the spread on each side, so that no dot
+    sits on an axis; a single value gets ±10% of itself (±1 for 0)."""
+    low, high = min(values), max(values)
+    if high <= low:
+        spread = abs(low) * 0.1 or 1.0
+        return low - spread, high + spread
+    spread = (high - low) * margin
+    return low - spread, high + spread
+
+
+def _format_tick(value: float, step: float) -> str:
+    exponent = math.floor(math.log10(step) + 1e-9)
+    mantissa = step / 10.0 ** exponent
+    decimals = max(0, -exponent) + (1 if abs(mantissa - 2.5) < 1e-6 else 0)
+    text = f"{value:,.{decimals}f}"
+    return "0" if float(text.replace(",", "")) == 0 else text
+
+
+def _check_points(points: object) -> list[tuple[str, float, float]]:
+    if not isinstance(points, Sequence) or isinstance(points, (str, bytes)) or not points:
+        raise InvalidInputError("points", type(points).__name__, "expected a non-empty list of {label, x, y} dicts")
+    checked = []
+    for index, point in enumerate(points):
+        name = f"points[{index}]"
+        if not isinstance(point, Mapping) or not {"label", "x", "y"} <= set(point):
+            raise InvalidInputError(name, point, "expected a dict with keys label, x and y")
+        values = []
+        for key in ("x", "y"):
+            value = point[key]
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                value = value.item()
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise InvalidInputError(f"{name}.{key}", value, "expected a finite number (cap infinite PSNRs "
+                                                                "first, e.g. with fastguidance.metrics.mean_psnr)")
+            values.append(float(value))
+        checked.append((str(point["label"]), values[0], values[1]))
+    return checked
+
+
+def _overlaps(box: tuple[int, int, int, int], others: list[tuple[int, int, int, int]]) -> bool:
+    return any(box[0] < o[2] and o[0] < box[2] and box[1] < o[3] and o[1] < box[3] for o in others)
+
+
+def quality_plot(points: Sequence[Mapping], path: str | os.PathLike, x_label: str, y_label: str, title: str,
+                 size: tuple[int, int] = (800, 500), line: bool = False) -> Path:
+    """Write a labelled scatter plot PNG: one coloured, labelled dot per point.
+
+    Args:
+        points: dicts with ``label`` (str), ``x`` and ``y`` (finite numbers), for example
+            ``{"label": "AG 0.991", "x": 31.0, "y": 0.94}`` (model evaluations per image, adherence).
+        path: the PNG to write (atomically; its folder is created).
+        x_label, y_label, title: axis captions and the title.
+        size: (width, height) in pixels; readable at the default 800×500.
+        line: also join the points, in the given order, with a line.
+
+    The axes span the data plus a 6% margin (a single value gets ±10%); round ticks (1, 2, 2.5 or
+    5 × 10^k) with grid lines. A label goes right of its dot, or left, above or below when that would overlap
+    an earlier label or leave the plot.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    checked = _check_points(points)
+    width, height = size
+    if width < 200 or height < 150:
+        raise InvalidInputError("size", size, "expected at least 200×150 pixels")
+    font, title_font = _font(14), _font(18)
+    canvas = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+
+    x_limits = _padded_range([p[1] for p in checked])
+    y_limits = _padded_range([p[2] for p in checked])
+    x_ticks, x_step = _nice_ticks(*x_limits)
+    y_ticks, y_step = _nice_ticks(*y_limits)
+    y_texts = [_format_tick(v, y_step) for v in y_ticks]
+    tick_label_width = max(_text_size(draw, text, font)[0] for text in y_texts)
+    _, line_height = _text_size(draw, "0Hg", font)
+    left = 16 + line_height + 8 + tick_label_width + 8  # y caption, gap, tick numbers, gap
+    right, top = width - 24, 16 + _text_size(draw, title, title_font)[1] + 16
+    bottom = height - (8 + line_height + 8 + line_height + 12)  # tick numbers, gap, x caption
+
+    def to_pixel(x: float, y: float) -> tuple[float, float]:
+        px = left + (x - x_limits[0]) / (x_limits[1] - x_limits[0]) * (right - left)
+        py = bottom - (y - y_limits[0]) / (y_limits[1] - y_limits[0]) * (bottom - top)
+        return px, py
+
+    # grid, ticks and numbers
+    for value in x_ticks:
+        px, _ = to_pixel(value, y_limits[0])
+        draw.line([(px, top), (px, bottom)], fill=GRID_INK)
+        draw.line([(px, bottom), (px, bottom + 5)], fill=INK)
+        text = _format_tick(value, x_step)
+        text_width = _text_size(draw, text, font)[0]
+        draw.text((min(px - text_width / 2, width - 2 - text_width), bottom + 8), text, fill=INK, font=font)
+    for value, text in zip(y_ticks, y_texts):
+        _, py = to_pixel(x_limits[0], value)
+        draw.line([(left, py), (right, py)], fill=GRID_INK)
+        draw.line([(left - 5, py), (left, py)], fill=INK)
+        text_width, text_height = _text_size(draw, text, font)
+        draw.text((left - 8 - text_width, py - text_height / 2 - 3), text, fill=INK, font=font)
+    draw.line([(left, top), (left, bottom), (right, bottom)], fill=INK, width=2)
+
+    # title and captions (the y caption rotated)
+    title_width, _ = _text_size(draw, title, title_font)
+    draw.text(((width - title_width) / 2, 14), title, fill=INK, font=title_font)
+    x_width, _ = _text_size(draw, x_label, font)
+    draw.text(((left + right - x_width) / 2, height - line_height - 14), x_label, fill=INK, font=font)
+    y_width, _ = _text_size(draw, y_label, font)
+    caption = Image.new("RGB", (y_width + 4, line_height + 8), BACKGROUND)
+    ImageDraw.Draw(caption).text((2, 0), y_label, fill=INK, font=font)
+    caption = caption.rotate(90, expand=True)
+    canvas.paste(caption, (14, int((top + bottom - caption.height) / 2)))
+
+    # the points
+    pixels = [to_pixel(x, y) for _, x, y in checked]
+    if line and len(pixels) > 1:
+        draw.line(pixels, fill=(150, 150, 150), width=2)
+    radius = 5
+    # labels avoid the dots and each other
+    placed = [(int(px) - radius, int(py) - radius, int(px) + radius, int(py) + radius) for px, py in pixels]
+    for index, ((label, _, _), (px, py)) in enumerate(zip(checked, pixels)):
+        colour = PALETTE[index % len(PALETTE)]
+        draw.ellipse([px - radius, py - radius, px + radius, py + radius], fill=colour, outline=INK)
+        text_width, text_height = _text_size(draw, label, font)
+        candidates = [(px + 9, py - text_height / 2 - 3), (px - 9 - text_width, py - text_height / 2 - 3),
+                      (px - text_width / 2, py - radius - 6 - text_height - 3), (px - text_width / 2, py + radius + 4)]
+        candidates += [(px + 9, py - text_height / 2 - 3 + shift) for shift in (16, -16, 32, -32)]
+        chosen = candidates[0]
+        for x0, y0 in candidates:
+            box = (int(x0), int(y0 + 3), int(x0 + text_width), int(y0 + 3 + text_height))
+            inside = box[0] >= left + 2 and box[2] <= width - 2 and box[1] >= top - 8 and box[3] <= bottom - 2
+            if inside and not _overlaps(box, placed):
+                chosen = (x0, y0)
+                break
+        x0, y0 = chosen
+        placed.append((int(x0), int(y0 + 3), int(x0 + text_width), int(y0 + 3 + text_height)))
+        draw.text((x0, y0), label, fill=colour, font=font)
+    return _save_png(canvas, path)
