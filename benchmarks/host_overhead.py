@@ -90,23 +90,26 @@ def main() -> None:
     # -- 1. one model evaluation, and the engine's work on a FULL call, at this latent size --
     import comfy.samplers
 
-    guider = comfy.samplers.CFGGuider(model)
-    guider.set_conds(positive, negative)
     x = torch.randn(1, 4, size, size)
     sigma = torch.tensor([5.0])
-    calls = []
+    calls, cond_only_calls = [], []
     original_calc = comfy.samplers.calc_cond_batch
 
-    # one CFG model evaluation = what calc_cond_batch does for [cond, uncond] (one batch of 2)
+    # one CFG model evaluation = what calc_cond_batch does for [cond, uncond] (one batch of 2), and
+    # what a skipped step costs instead: [cond] alone (batch 1)
     def evaluation_probe(args):
-        calls.append(timed(lambda: original_calc(args["model"], args["conds"], args["input"], args["sigma"],
-                                                 args["model_options"]), options.repeats))
-        return original_calc(args["model"], args["conds"], args["input"], args["sigma"], args["model_options"])
+        def evaluate(conds):
+            return original_calc(args["model"], conds, args["input"], args["sigma"], args["model_options"])
+
+        calls.append(timed(lambda: evaluate(args["conds"]), options.repeats))
+        cond_only_calls.append(timed(lambda: evaluate(args["conds"][:1]), options.repeats))
+        return evaluate(args["conds"])
 
     probe_model = model.clone()
     probe_model.set_model_sampler_calc_cond_batch_function(evaluation_probe)
     nodes.common_ksampler(probe_model, 3, 2, 6.0, "euler", "normal", positive, negative, latent)
     evaluation_seconds = statistics.median(calls)
+    cond_only_seconds = statistics.median(cond_only_calls)
 
     run = engine.GuidanceRun([adaptive.AdaptiveGuidance(threshold=0.991)], [14.6, 5.0, 1.0, 0.0] * 1000, batch_size=1)
     cond_pred, uncond_pred = torch.randn(1, 4, size, size), torch.randn(1, 4, size, size)
@@ -123,27 +126,29 @@ def main() -> None:
         engine_call()
     engine_seconds = (time.perf_counter() - start) / iterations
 
-    # end to end: a patch that never cuts against the stock sampler (same evaluations)
+    # -- 2. the runs: stock CFG, a patch that never cuts (same evaluations: end-to-end overhead) and
+    # AG at a threshold this random-weight UNet reaches (0.991 if it does, else its median cosine) --
     never = patch_node.execute(model, 1.0001, 0.0, 1.0, "cond_only")[0]
-    ksampler(model)
-    stock_seconds = timed(lambda: ksampler(model), options.repeats)
-    never_seconds = timed(lambda: ksampler(never), options.repeats)
-    end_to_end_overhead = (never_seconds - stock_seconds) / options.steps / evaluation_seconds
-
-    # -- 2. AG against CFG: wall time and model evaluations --
     captured = []
     original_report = engine_patch._report
     engine_patch._report = lambda config, host_run, name: (captured.append(host_run.run), original_report(config, host_run, name))
     try:
-        ksampler(never)
-        cosines = [record.cosine[0] for record in captured[-1].records] if captured[-1].finish() else []
+        ksampler(never)  # also warms up
+        captured[-1].finish()
+        cosines = [record.cosine[0] for record in captured[-1].records]
         threshold = 0.991 if max(cosines) >= 0.991 else sorted(cosines)[len(cosines) // 2]
         ag_model = patch_node.execute(model, threshold, 0.0, 1.0, "cond_only")[0]
         ksampler(ag_model)
         summary = captured[-1].finish()
-        ag_seconds = timed(lambda: ksampler(ag_model), options.repeats)
+        # interleaved repeats, so that drift in the machine's speed hits every variant alike
+        times = {"cfg": [], "never": [], "ag": []}
+        for _ in range(options.repeats):
+            for name, variant in (("cfg", model), ("never", never), ("ag", ag_model)):
+                times[name].append(timed(lambda: ksampler(variant), 1))
     finally:
         engine_patch._report = original_report
+    stock_seconds, never_seconds, ag_seconds = (statistics.median(times[name]) for name in ("cfg", "never", "ag"))
+    end_to_end_overhead = (never_seconds - stock_seconds) / options.steps / evaluation_seconds
     evaluation_ratio = summary.evaluations / summary.cfg_evaluations
     wall_ratio = ag_seconds / stock_seconds
 
@@ -157,6 +162,10 @@ def main() -> None:
         "cosines": cosines, "ag_threshold": threshold,
         "cfg_seconds": stock_seconds, "ag_seconds": ag_seconds,
         "ag_evaluations": summary.evaluations, "cfg_evaluations": summary.cfg_evaluations,
+        "cond_only_call_seconds": cond_only_seconds,
+        # what the wall ratio should be given the measured cost of a full and of a cond-only call
+        "expected_wall_ratio": (summary.calls - summary.uncond_skipped + summary.uncond_skipped * cond_only_seconds
+                                / evaluation_seconds) / summary.calls,
         "evaluation_ratio": evaluation_ratio, "wall_ratio": wall_ratio,
         "wall_vs_evaluation_gap": wall_ratio / evaluation_ratio - 1.0,
     }

@@ -282,6 +282,15 @@ class GuidanceRun:
             evaluations=sum(record.evaluations for record in self.records),
         )
 
+    def evaluations_per_sample(self) -> list[int]:
+        """Model evaluations each sample needed: 2 per call where its action was FULL, else 1.
+
+        Results are batch-invariant (module docstring), so this is what the sample costs when it
+        is sampled alone; in a batch the uncond is only skipped once every sample may skip it.
+        """
+        return [sum(2 if record.actions[b] == Action.FULL else 1 for record in self.records)
+                for b in range(self.batch_size)]
+
     def to_dict(self) -> dict[str, Any]:
         """The run as plain data (for the frontend message and the benchmark)."""
         return {

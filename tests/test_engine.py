@@ -174,3 +174,12 @@ def test_to_dict_is_plain_data():
     data = json.loads(json.dumps(run.to_dict()))
     assert data["summary"]["uncond_skipped"] == 1
     assert [r["actions"][0] for r in data["records"]] == ["full", "cond_only", "full", "full"]
+
+
+def test_evaluations_per_sample_count_each_samples_actions():
+    x, cond, uncond = tensors()
+    run = GuidanceRun([Scripted({1: [Action.COND_ONLY, Action.FULL], 2: Action.COND_ONLY})], SIGMAS, batch_size=2)
+    for step in range(3):
+        run_call(run, step, x, cond, uncond)
+    assert run.evaluations_per_sample() == [2 + 1 + 1, 2 + 2 + 1]
+    assert run.summary().evaluations == 2 + 2 + 1

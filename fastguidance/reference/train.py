@@ -1,0 +1,154 @@
+"""Training of the reference model and of the adherence classifier, reproducible from a seed.
+
+    python -m fastguidance.reference.train classifier   # a few minutes on 2 CPU cores
+    python -m fastguidance.reference.train model        # about half an hour on 2 CPU cores
+
+Data is drawn fresh at every step from the scene generator (training combinations only; the
+held-out colour–shape pairs are never seen by the diffusion model). Files are written atomically,
+and an existing file is only replaced with ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .classifier import SceneClassifier, attribute_accuracy, classifier_loss, label_tensors
+from .model import ModelConfig, ReferenceModel, from_image
+from .scenes import make_batch
+from .weights import CLASSIFIER_PATH, MODEL_PATH, save_classifier, save_model
+
+log = logging.getLogger("fastguidance")
+
+
+def _lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
+    """Linear warm-up then cosine decay to 5% of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train_classifier(steps: int = 1200, batch: int = 96, seed: int = 0, lr: float = 2e-3,
+                     progress: bool = False) -> tuple[SceneClassifier, dict]:
+    """Train the classifier on rendered scenes (all combinations, with noise and blur augmentation
+    so that imperfect generated images are read fairly)."""
+    torch.manual_seed(seed)
+    classifier = SceneClassifier()
+    optimizer = torch.optim.AdamW(classifier.parameters(), lr=lr, weight_decay=1e-4)
+    generator = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    for step in range(steps):
+        data = make_batch(batch, seed=seed * 1_000_003 + step, held_out=None)
+        images = data.images
+        noise = torch.rand(batch, 1, 1, 1, generator=generator) * 0.12
+        images = (images + noise * torch.randn(images.shape, generator=generator)).clamp(0, 1)
+        blur = torch.rand(batch, generator=generator) < 0.3
+        if blur.any():
+            images[blur] = torch.nn.functional.avg_pool2d(images[blur], 3, stride=1, padding=1, count_include_pad=False)
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, steps, lr, 100)
+        loss = classifier_loss(classifier(images), label_tensors(data.scenes))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if progress and (step % 100 == 0 or step == steps - 1):
+            log.info("classifier step %d/%d loss %.4f", step, steps, loss.item())
+    classifier.eval()
+    test = make_batch(1000, seed=10_000_019 + seed, held_out=None)
+    accuracy = attribute_accuracy(classifier, test.images, test.scenes)
+    info = {"steps": steps, "batch": batch, "seed": seed, "lr": lr, "seconds": time.perf_counter() - start,
+            "test_accuracy": accuracy, "final_loss": loss.item()}
+    return classifier, info
+
+
+def train_model(steps: int = 2500, batch: int = 64, seed: int = 0, lr: float = 1.5e-3, drop_rate: float = 0.15,
+                ema_decay: float = 0.998, config: ModelConfig | None = None,
+                progress: bool = False) -> tuple[ReferenceModel, dict]:
+    """Train the diffusion model: epsilon prediction, uniform timesteps, prompts replaced by the
+    empty prompt with probability ``drop_rate`` so that CFG has an unconditional model to use
+    (Ho & Salimans 2022, §3.2). Returns the EMA weights."""
+    torch.manual_seed(seed)
+    model = ReferenceModel(config)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed + 1)
+    rng = random.Random(seed + 2)
+    sigmas = model.schedule.sigmas
+    losses = []
+    start = time.perf_counter()
+    for step in range(steps):
+        data = make_batch(batch, seed=seed * 1_000_003 + step, held_out=False)
+        x0 = from_image(data.images)
+        prompts = ["" if rng.random() < drop_rate else scene.prompt for scene in data.scenes]
+        timesteps = torch.randint(0, len(sigmas), (batch,), generator=generator)
+        sigma = sigmas[timesteps]
+        noise = torch.randn(x0.shape, generator=generator)
+        x = x0 + sigma.reshape(-1, 1, 1, 1) * noise
+        text = model.text_encoder(model.tokenizer(prompts))
+        prediction = model.unet(x / torch.sqrt(sigma.reshape(-1, 1, 1, 1) ** 2 + 1), timesteps, text)
+        loss = torch.nn.functional.mse_loss(prediction, noise)
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, steps, lr, 200)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for ema_parameter, parameter in zip(ema.parameters(), model.parameters()):
+                ema_parameter.lerp_(parameter, 1 - decay)
+        losses.append(loss.item())
+        if progress and (step % 100 == 0 or step == steps - 1):
+            recent = sum(losses[-100:]) / len(losses[-100:])
+            log.info("model step %d/%d loss %.4f (%.0f s)", step, steps, recent, time.perf_counter() - start)
+    ema.eval()
+    info = {"steps": steps, "batch": batch, "seed": seed, "lr": lr, "drop_rate": drop_rate, "ema_decay": ema_decay,
+            "seconds": time.perf_counter() - start, "final_loss": sum(losses[-200:]) / len(losses[-200:]),
+            "loss_every_100": [sum(losses[i:i + 100]) / len(losses[i:i + 100]) for i in range(0, len(losses), 100)]}
+    return ema, info
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m fastguidance.reference.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=("classifier", "model"))
+    parser.add_argument("--steps", type=int, help="training steps (default: 1200 classifier, 2500 model)")
+    parser.add_argument("--batch", type=int)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--width", type=int, default=ModelConfig.width, help="model channels at 32×32")
+    parser.add_argument("--out", type=Path, help="output file (default: the shipped weights)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    options = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if options.what == "classifier":
+        out = options.out or CLASSIFIER_PATH
+        _refuse_overwrite(out, options.overwrite)
+        classifier, info = train_classifier(options.steps or 1200, options.batch or 96, options.seed, progress=True)
+        save_classifier(classifier, info, out, overwrite=options.overwrite)
+        log.info("classifier: test accuracy %.4f in %.0f s -> %s", info["test_accuracy"], info["seconds"], out)
+    else:
+        out = options.out or MODEL_PATH
+        _refuse_overwrite(out, options.overwrite)
+        model, info = train_model(options.steps or 2500, options.batch or 64, options.seed,
+                                  config=ModelConfig(width=options.width), progress=True)
+        save_model(model, info, out, overwrite=options.overwrite)
+        log.info("model: final loss %.4f in %.0f s -> %s", info["final_loss"], info["seconds"], out)
+
+
+def _refuse_overwrite(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise SystemExit(f"{path} exists; pass --overwrite to replace it (or --out to write elsewhere)")
+
+
+if __name__ == "__main__":
+    main()
