@@ -1,6 +1,5 @@
 """The shipped reference model and classifier: they load, sample, judge, and CFG matters."""
 
-import json
 
 import pytest
 import torch
@@ -8,7 +7,7 @@ import torch
 from fastguidance.policies import AdaptiveGuidance
 from fastguidance.reference.classifier import adherence, attribute_accuracy
 from fastguidance.reference.model import to_image
-from fastguidance.reference.scenes import make_batch, parse_prompt
+from fastguidance.reference.scenes import make_batch
 from fastguidance.reference.weights import (CLASSIFIER_PATH, MODEL_PATH, WeightsError, load_classifier, load_model,
                                             save_classifier)
 from fastguidance.sampling import sample

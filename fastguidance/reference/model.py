@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -266,5 +266,3 @@ def to_image(x: torch.Tensor) -> torch.Tensor:
 def from_image(images: torch.Tensor) -> torch.Tensor:
     return images * 2.0 - 1.0
 
-
-ModelFn = Callable[[torch.Tensor, torch.Tensor, Sequence[TextConditioning]], list[torch.Tensor]]
