@@ -17,7 +17,6 @@ Timings are medians of repeated runs on whatever machine runs it (CPU here).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -31,16 +30,6 @@ import torch
 PACK_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PACK_DIR / "tests" / "comfy"))
 import host_models  # noqa: E402  (the test models, one place for tests and benchmarks)
-
-
-def import_host(comfyui_path: str):
-    host_models.import_comfy(comfyui_path)
-    import nodes
-
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
-    if not asyncio.run(nodes.load_custom_node(str(PACK_DIR))):
-        raise SystemExit("ComfyUI could not load the pack")
-    return nodes
 
 
 def conditioning(seed: int = 1):
@@ -70,10 +59,10 @@ def main() -> None:
     if not comfyui_path:
         raise SystemExit("set COMFYUI_PATH to a ComfyUI checkout")
     logging.basicConfig(level=logging.WARNING)
-    nodes = import_host(comfyui_path)
-    engine_patch = sys.modules[str(PACK_DIR).replace(".", "_x_") + ".nodes.engine_patch"]
-    engine = sys.modules[str(PACK_DIR).replace(".", "_x_") + ".fastguidance.engine"]
-    adaptive = sys.modules[str(PACK_DIR).replace(".", "_x_") + ".fastguidance.policies.adaptive"]
+    nodes, pack_module = host_models.load_pack(comfyui_path, PACK_DIR)
+    engine_patch = sys.modules[pack_module + ".nodes.engine_patch"]
+    engine = sys.modules[pack_module + ".fastguidance.engine"]
+    adaptive = sys.modules[pack_module + ".fastguidance.policies.adaptive"]
     torch.set_grad_enabled(False)
 
     base_model = host_models.sd15_detectable_model()

@@ -64,10 +64,6 @@ class _CountingModel:
         return self.model(x, sigma, conds)
 
 
-def _select(text: TextConditioning, rows: slice) -> TextConditioning:
-    return TextConditioning(text.tokens[rows], text.pooled[rows], text.mask[rows])
-
-
 def _progress(message: str) -> None:
     sys.stderr.write("\r" + message[:110].ljust(110))
     sys.stderr.flush()
@@ -96,7 +92,7 @@ def run_variant(model: ReferenceModel, variant: BenchVariant, settings: BenchSet
         rows = slice(start, start + settings.batch)
         counting = _CountingModel(model)
         began = time.perf_counter()
-        result = sample(counting, noise[rows], sigmas, _select(cond, rows), uncond,
+        result = sample(counting, noise[rows], sigmas, cond.select(rows), uncond,
                         _scale(variant, settings), settings.sampler, variant.make_policies(),
                         percent_to_sigma=model.schedule.percent_to_sigma)
         seconds += time.perf_counter() - began

@@ -35,7 +35,7 @@ class CompareImagesNode(io.ComfyNode):
                         "higher = closer) of each pair, computed with kornia. Use it to check that a FastGuidance "
                         "branch still gives the picture of the plain CFG branch with the same seed. Image i of A is "
                         "compared with image i of B; a single image is compared with every image of the other "
-                        "input. The summary is shown on the node.",
+                        "input. The summary is the text output and is also written to the server log.",
             inputs=[
                 io.Image.Input("image_a", tooltip="The reference images (for example the plain CFG branch). Same "
                                                    "size as image_b; the same number of images, or a single image."),
@@ -52,7 +52,7 @@ class CompareImagesNode(io.ComfyNode):
                                         f"differences are hard to see). Identical pairs (infinite PSNR) count as {PSNR_CAP_DB:g} dB."),
                 io.String.Output("text", display_name="text",
                                  tooltip="A one-line summary, e.g. 'SSIM 0.973 · PSNR 31.2 dB over 2 images' "
-                                         "(also shown on the node)."),
+                                         "(also written to the server log)."),
             ],
             is_output_node=True,
         )

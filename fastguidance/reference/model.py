@@ -78,6 +78,10 @@ class TextConditioning:
         return TextConditioning(torch.cat([i.tokens for i in items]), torch.cat([i.pooled for i in items]),
                                 torch.cat([i.mask for i in items]))
 
+    def select(self, rows: slice) -> "TextConditioning":
+        """The prompts of some rows of the batch."""
+        return TextConditioning(self.tokens[rows], self.pooled[rows], self.mask[rows])
+
     def expand(self, batch: int) -> "TextConditioning":
         """Repeat a single prompt to a batch (a prompt of batch 1 serves any batch)."""
         if self.tokens.shape[0] == batch:

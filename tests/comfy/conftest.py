@@ -8,7 +8,6 @@ is not set. Run them with ComfyUI's own Python environment::
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 import types
@@ -58,13 +57,8 @@ class Host:
 
 @pytest.fixture(scope="session")
 def host() -> Host:
-    host_models.import_comfy(COMFYUI_PATH)
-    import nodes
-
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
-    assert asyncio.run(nodes.load_custom_node(str(PACK_DIR))), "ComfyUI failed to load the pack"
-    pack = sys.modules[str(PACK_DIR).replace(".", "_x_")]
-    return Host(nodes=nodes, pack=pack)
+    nodes, pack_module = host_models.load_pack(COMFYUI_PATH, PACK_DIR)
+    return Host(nodes=nodes, pack=sys.modules[pack_module])
 
 
 @pytest.fixture(scope="session")

@@ -28,6 +28,22 @@ def import_comfy(comfyui_path: str) -> None:
         args.cpu = True
 
 
+def load_pack(comfyui_path: str, pack_dir) -> tuple[types.ModuleType, str]:
+    """Import ComfyUI with its built-in nodes and load the pack the way ComfyUI loads a custom node.
+
+    Returns ComfyUI's ``nodes`` module and the module name the pack was loaded under.
+    """
+    import asyncio
+
+    import_comfy(comfyui_path)
+    import nodes
+
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    if not asyncio.run(nodes.load_custom_node(str(pack_dir))):
+        raise RuntimeError(f"ComfyUI could not load the pack at {pack_dir}")
+    return nodes, str(pack_dir).replace(".", "_x_")
+
+
 def _unet_config(model_channels: int, channel_mult: list[int], context_dim: int, heads: dict) -> dict:
     levels = len(channel_mult)
     return {
