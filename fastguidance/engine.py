@@ -17,6 +17,11 @@ Actions (DESIGN.md §2):
 - ``ESTIMATE``: ``û`` comes from the policy that proposed it (LinearAG's regression);
 - ``COND_ONLY``: ``û = c``, so CFG yields ``c`` (Adaptive Guidance after its cutoff).
 
+A policy may also **weight the guidance of FULL calls** (:meth:`GuidancePolicy.guidance_weight`):
+``û = c − w·(c − u)``, so CFG yields ``c + w·(s − 1)·(c − u)``. Compress Guidance's ``compress``
+mode uses it to put the guidance of the skipped steps on the guided ones. Weights of several
+policies multiply; what the policies learn (cosine, cached guidance, history) uses the real ``u``.
+
 **The combination rule**, written once here: every policy proposes an action per sample (or has no
 opinion, which means FULL). Per sample, the proposal with the highest rank wins, the ranks being
 ``FULL < REUSE < ESTIMATE < COND_ONLY``: a sample is guided only while every policy wants it guided,
@@ -78,6 +83,7 @@ class CallRecord:
     actions: tuple[Action, ...]
     evaluations: int  # batch evaluations spent: 2 with the uncond, 1 without
     cosine: list[float | None] | None = None  # per sample, where measured (FULL samples only)
+    guidance_weight: float = 1.0  # w of FULL samples (module docstring); 1 = plain CFG
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -87,6 +93,7 @@ class CallRecord:
             "actions": [action.name.lower() for action in self.actions],
             "evaluations": self.evaluations,
             "cosine": self.cosine,
+            "guidance_weight": self.guidance_weight,
         }
 
 
@@ -149,9 +156,14 @@ class GuidancePolicy:
     def measured(self, state: Any, record: CallRecord, cosine: Sequence[float | None]) -> None:
         """The per-sample cosine of a past FULL call has reached the host (before the next plan)."""
 
+    def guidance_weight(self, state: Any, context: StepContext) -> float | None:
+        """Weight ``w`` of the guidance of this call's FULL samples (module docstring); ``None`` = 1."""
+        return None
+
     def observe(self, state: Any, context: StepContext, x: torch.Tensor, cond: torch.Tensor,
                 uncond: torch.Tensor, full: Sequence[bool]) -> None:
-        """Real cond and uncond predictions of a call; ``full[b]`` marks samples whose action was FULL."""
+        """Every call, after its uncond is known: ``uncond[b]`` is the real prediction where
+        ``full[b]`` (the sample's action was FULL), else the sample's estimate (never weighted)."""
 
     def estimate(self, state: Any, context: StepContext, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """The uncond estimate for the whole batch, for samples where this policy won with ESTIMATE."""
@@ -169,6 +181,7 @@ class StepPlan:
     context: StepContext
     actions: tuple[Action, ...]
     owners: tuple[int | None, ...]  # index of the policy whose proposal won, per sample
+    guidance_weight: float = 1.0  # w applied to FULL samples (module docstring)
 
     @property
     def evaluate_uncond(self) -> bool:
@@ -248,7 +261,12 @@ class GuidanceRun:
         actions, owners = combine_actions(proposals, self.batch_size)
         actions = tuple(Action.FULL if action == Action.REUSE and not self._cache_valid[b] else action
                         for b, action in enumerate(actions))
-        return StepPlan(context, actions, owners)
+        weight = 1.0
+        for policy, state in zip(self.policies, self._states):
+            policy_weight = policy.guidance_weight(state, context)
+            if policy_weight is not None:
+                weight *= float(policy_weight)
+        return StepPlan(context, actions, owners, weight)
 
     def complete(self, plan: StepPlan, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None) -> torch.Tensor:
         """Record the call and return the uncond prediction to combine with ``cond``.
@@ -259,11 +277,20 @@ class GuidanceRun:
         if plan.evaluate_uncond and uncond is None:
             raise ValueError("the plan evaluates the uncond, but no uncond prediction was given")
         record = CallRecord(plan.context.call, plan.context.step, plan.context.sigma, plan.actions,
-                            evaluations=2 if uncond is not None else 1)
+                            evaluations=2 if uncond is not None else 1, guidance_weight=plan.guidance_weight)
         self.records.append(record)
         if uncond is not None:
             self._learn(plan, record, x, cond, uncond)
-        return self._uncond_estimate(plan, x, cond, uncond)
+        uncond_hat = self._uncond_estimate(plan, x, cond, uncond)
+        full = [action == Action.FULL for action in plan.actions]
+        for policy, state in zip(self.policies, self._states):
+            policy.observe(state, plan.context, x, cond, uncond_hat, full)
+        if plan.guidance_weight == 1.0 or not any(full):
+            return uncond_hat
+        weighted = cond - plan.guidance_weight * (cond - uncond_hat)
+        if all(full):
+            return weighted
+        return torch.where(self._sample_mask(full, cond), weighted, uncond_hat)
 
     # -- end of run -----------------------------------------------------------------------------
 
@@ -341,8 +368,6 @@ class GuidanceRun:
             else:
                 self._guidance_cache = torch.where(self._sample_mask(full, guidance), guidance, self._guidance_cache)
             self._cache_valid = [valid or is_full for valid, is_full in zip(self._cache_valid, full)]
-        for policy, state in zip(self.policies, self._states):
-            policy.observe(state, plan.context, x, cond, uncond, full)
 
     def _uncond_estimate(self, plan: StepPlan, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None) -> torch.Tensor:
         kinds = set(zip(plan.actions, plan.owners))

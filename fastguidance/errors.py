@@ -19,3 +19,7 @@ class InvalidInputError(FastGuidanceError, ValueError):
         self.value = value
         self.fix = fix
         super().__init__(f"{input_name} = {value!r} is not valid: {fix}")
+
+
+class TensorFileError(FastGuidanceError):
+    """A file of the pack is missing, corrupt, of another kind or made for something else."""

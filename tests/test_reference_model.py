@@ -4,11 +4,12 @@
 import pytest
 import torch
 
+from fastguidance.errors import TensorFileError
 from fastguidance.policies import AdaptiveGuidance
 from fastguidance.reference.classifier import adherence, attribute_accuracy
 from fastguidance.reference.model import to_image
 from fastguidance.reference.scenes import make_batch
-from fastguidance.reference.weights import (CLASSIFIER_PATH, MODEL_PATH, WeightsError, load_classifier, load_model,
+from fastguidance.reference.weights import (CLASSIFIER_PATH, MODEL_PATH, load_classifier, load_model,
                                             save_classifier)
 from fastguidance.sampling import sample
 from fastguidance.schedules import make_sigmas
@@ -90,13 +91,13 @@ def test_adaptive_guidance_keeps_adherence_within_tolerance(model, classifier, p
 def test_corrupt_and_foreign_files_are_refused(tmp_path, classifier):
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"not a safetensors file")
-    with pytest.raises(WeightsError, match="not a readable safetensors"):
+    with pytest.raises(TensorFileError, match="not a readable safetensors"):
         load_model(broken)
-    with pytest.raises(WeightsError, match="does not exist"):
+    with pytest.raises(TensorFileError, match="does not exist"):
         load_model(tmp_path / "missing.safetensors")
     foreign = tmp_path / "classifier.safetensors"
     save_classifier(classifier, {"note": "test"}, foreign)
-    with pytest.raises(WeightsError, match="fastguidance.adherence_classifier"):
+    with pytest.raises(TensorFileError, match="fastguidance.adherence_classifier"):
         load_model(foreign)
     with pytest.raises(FileExistsError):
         save_classifier(classifier, {}, foreign)
