@@ -1,5 +1,6 @@
 """The methods of the pack as engine policies (see :mod:`fastguidance.engine`)."""
 
 from .adaptive import AFTER_CUTOFF_MODES, AdaptiveGuidance
+from .compress import COMPRESS_MODES, CompressGuidance
 
-__all__ = ["AFTER_CUTOFF_MODES", "AdaptiveGuidance"]
+__all__ = ["AFTER_CUTOFF_MODES", "AdaptiveGuidance", "COMPRESS_MODES", "CompressGuidance"]

@@ -1,0 +1,122 @@
+"""Compress Guidance nodes: a MODEL patch for any sampler node, and a GUIDER for SamplerCustomAdvanced."""
+
+from __future__ import annotations
+
+import comfy.samplers
+from comfy_api.latest import io
+
+from ..fastguidance.errors import InvalidInputError
+from ..fastguidance.policies.compress import COMPRESS_MODES, MAX_SKEW, CompressGuidance, validate_compress_guidance
+from .engine_patch import install_policy
+
+
+_DEFAULTS = CompressGuidance()
+
+
+def _settings_inputs() -> list:
+    """The Compress Guidance settings, shared by the patch and the guider."""
+    return [
+        io.Float.Input(
+            "compression", default=_DEFAULTS.compression, min=1.0, max=100.0, step=0.1, round=0.01,
+            tooltip="Sampling steps per guided step. 4.0 evaluates the negative prompt on a quarter of the "
+                    "steps (20 steps: 5 guided, 25 model evaluations instead of 40). Higher = faster, further "
+                    "from plain CFG. 1.0 guides every step (plain CFG). Ignored when guided_steps is above 0.",
+        ),
+        io.Int.Input(
+            "guided_steps", default=_DEFAULTS.guided_steps, min=0, max=10000,
+            tooltip="How many steps evaluate the negative prompt, as a number instead of a rate. The first step "
+                    "is always one of them; more than the sampler's steps guides every step (plain CFG). "
+                    "0 = take the number from compression.",
+        ),
+        io.Float.Input(
+            "skew", default=_DEFAULTS.skew, min=0.1, max=MAX_SKEW, step=0.1, round=0.01,
+            tooltip=f"Where the guided steps go (0.1 to {MAX_SKEW}). 1.0 spreads them evenly over the run; "
+                    "larger values put more of them early, where guidance changes the image most; below 1.0 "
+                    "puts more of them late. 2.0 is a good default. Has no effect when every step is guided.",
+        ),
+        io.Combo.Input(
+            "mode", options=list(COMPRESS_MODES), default=_DEFAULTS.mode,
+            tooltip="What the steps between guided steps do: reuse keeps applying the guidance measured at the "
+                    "last guided step (the paper's method); compress guides those steps not at all and puts "
+                    "their share of guidance on the guided step before them instead.",
+        ),
+    ]
+
+
+def _validate(compression=None, guided_steps=None, skew=None, mode=None) -> bool | str:
+    """``validate_inputs`` for both nodes: a message naming the input and the fix, or True."""
+    values = {"compression": compression, "guided_steps": guided_steps, "skew": skew, "mode": mode}
+    # Inputs fed by links are not known before the run; check the rest against the defaults.
+    known = {name: getattr(_DEFAULTS, name) if value is None else value for name, value in values.items()}
+    try:
+        validate_compress_guidance(**known)
+    except InvalidInputError as error:
+        return str(error)
+    return True
+
+
+def _policy(compression: float, guided_steps: int, skew: float, mode: str) -> CompressGuidance:
+    return CompressGuidance(compression=compression, guided_steps=guided_steps, skew=skew, mode=mode)
+
+
+class CompressGuidanceNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FastGuidance_CompressGuidance",
+            display_name="Compress Guidance (FastGuidance)",
+            category="sampling/fastguidance",
+            description="Makes CFG cheaper with any sampler node (KSampler, KSamplerAdvanced, SamplerCustomAdvanced): "
+                        "the negative prompt is evaluated on a few steps only, chosen in advance and weighted "
+                        "towards the start; the other steps reuse that guidance (Compress Guidance, Dinh et al.). "
+                        "With compression 1.0, or cfg 1, it does nothing.",
+            inputs=[io.Model.Input("model", tooltip="The model to make cheaper. Connect the output to your sampler.")]
+            + _settings_inputs(),
+            outputs=[io.Model.Output(tooltip="The same model, guided on the chosen steps only.")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def validate_inputs(cls, compression=None, guided_steps=None, skew=None, mode=None) -> bool | str:
+        return _validate(compression, guided_steps, skew, mode)
+
+    @classmethod
+    def execute(cls, model, compression: float, guided_steps: int, skew: float, mode: str) -> io.NodeOutput:
+        policy = _policy(compression, guided_steps, skew, mode)
+        return io.NodeOutput(install_policy(model, policy, cls.hidden.unique_id))
+
+
+class CompressGuiderNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FastGuidance_CompressGuider",
+            display_name="Compress Guider (FastGuidance)",
+            category="sampling/custom_sampling/guiders",
+            description="A CFG guider for SamplerCustomAdvanced that evaluates the negative prompt on a few steps "
+                        "only and reuses that guidance on the others (Compress Guidance). With compression 1.0 it "
+                        "equals the stock CFGGuider.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model to sample with."),
+                io.Conditioning.Input("positive", tooltip="The prompt conditioning."),
+                io.Conditioning.Input("negative", tooltip="The negative (or empty) prompt conditioning."),
+                io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance scale, as in KSampler. 1.0 = no guidance "
+                                       "(nothing to skip)."),
+            ] + _settings_inputs(),
+            outputs=[io.Guider.Output(tooltip="Connect to SamplerCustomAdvanced's guider input.")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def validate_inputs(cls, compression=None, guided_steps=None, skew=None, mode=None) -> bool | str:
+        return _validate(compression, guided_steps, skew, mode)
+
+    @classmethod
+    def execute(cls, model, positive, negative, cfg: float, compression: float, guided_steps: int, skew: float,
+                mode: str) -> io.NodeOutput:
+        policy = _policy(compression, guided_steps, skew, mode)
+        guider = comfy.samplers.CFGGuider(install_policy(model, policy, cls.hidden.unique_id))
+        guider.set_conds(positive, negative)
+        guider.set_cfg(cfg)
+        return io.NodeOutput(guider)
