@@ -6,12 +6,18 @@ from comfy_api.latest import ComfyExtension, io
 
 from .adaptive_guidance import AdaptiveGuidanceNode, AdaptiveGuiderNode
 from .compare_images import CompareImagesNode
+from .compress_guidance import CompressGuidanceNode, CompressGuiderNode
+from .linear_ag import LinearAGCalibrateNode, LinearAGNode
 
 #: the one list of the pack's nodes
 NODES: list[type[io.ComfyNode]] = [
     AdaptiveGuidanceNode,
     AdaptiveGuiderNode,
     CompareImagesNode,
+    CompressGuidanceNode,
+    CompressGuiderNode,
+    LinearAGCalibrateNode,
+    LinearAGNode,
 ]
 
 

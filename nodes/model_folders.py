@@ -1,0 +1,44 @@
+"""The pack's folders under ComfyUI's ``models/`` (DESIGN.md §3), registered with the host's folder_paths.
+
+Registration is idempotent and keeps paths a user added for the same name (extra_model_paths.yaml),
+so files in every configured folder show up in the loaders' lists.
+"""
+
+from __future__ import annotations
+
+import os
+
+import folder_paths
+
+LINEAR_AG = "fastguidance_linear_ag"
+ADAPTERS = "fastguidance_adapters"
+STEP_PREDICTORS = "fastguidance_step_predictors"
+EXTENSIONS = {".safetensors"}
+
+
+def register(name: str) -> None:
+    """Make ``models/<name>/`` a model folder of the host (once; later calls change nothing)."""
+    default = os.path.join(folder_paths.models_dir, name)
+    if name in folder_paths.folder_names_and_paths:
+        paths, extensions = folder_paths.folder_names_and_paths[name]
+        if default not in paths:
+            folder_paths.add_model_folder_path(name, default)
+        return
+    folder_paths.folder_names_and_paths[name] = ([default], set(EXTENSIONS))
+
+
+def files(name: str) -> list[str]:
+    """The files of a pack folder, for a loader's list."""
+    register(name)
+    return folder_paths.get_filename_list(name)
+
+
+def full_path(name: str, filename: str) -> str | None:
+    register(name)
+    return folder_paths.get_full_path(name, filename)
+
+
+def output_path(name: str, filename: str) -> str:
+    """Where a new file of this folder is written: the first configured folder (models/<name> by default)."""
+    register(name)
+    return os.path.join(folder_paths.get_folder_paths(name)[0], filename)
