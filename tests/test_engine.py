@@ -72,7 +72,8 @@ def test_actions_produce_their_estimates():
     cond1 = cond + 1.0
     plan, u1 = run_call(run, 1, x, cond1, uncond)
     assert not plan.evaluate_uncond
-    assert torch.allclose(u1, cond1 - (cond - uncond))  # REUSE: û = c − g_cached
+    # REUSE: û = c − (σ/σ_j)·g_j, the guidance of call j reused in noise space
+    assert torch.allclose(u1, cond1 - (SIGMAS[1] / SIGMAS[0]) * (cond - uncond))
     _, u2 = run_call(run, 2, x, cond1, uncond)
     assert u2 is cond1  # COND_ONLY: û = c
     summary = run.finish()
@@ -104,8 +105,8 @@ def test_guidance_cache_only_learns_from_samples_that_were_full():
     cond1, uncond1 = cond + 2.0, uncond - 1.0
     run_call(run, 1, x, cond1, uncond1)  # sample 1 full: its cache updates; sample 0 keeps step 0's
     _, u2 = run_call(run, 2, x, cond, uncond)
-    assert torch.allclose(u2[0], cond[0] - (cond[0] - uncond[0]))
-    assert torch.allclose(u2[1], cond[1] - (cond1[1] - uncond1[1]))
+    assert torch.allclose(u2[0], cond[0] - (SIGMAS[2] / SIGMAS[0]) * (cond[0] - uncond[0]))
+    assert torch.allclose(u2[1], cond[1] - (SIGMAS[2] / SIGMAS[1]) * (cond1[1] - uncond1[1]))
 
 
 def test_estimate_comes_from_the_owning_policy():

@@ -43,7 +43,7 @@ class AdaptiveGuidance(GuidancePolicy):
             Values above 1 never cut (the result is plain CFG).
         start_percent, end_percent: the window of the denoising process (0 = first step, 1 = last)
             in which the cutoff may happen and applies; outside it every step is guided.
-        after_cutoff: ``cond_only`` (paper: ``û = c``) or ``reuse`` (``û = c − g_last``).
+        after_cutoff: ``cond_only`` (paper: ``û = c``) or ``reuse`` (``û = c − (σ/σ_last)·g_last``, see the engine).
     """
 
     threshold: float = 0.991

@@ -17,7 +17,8 @@ compression rate ``r = N / n`` (``n = ⌊N / r + ½⌋``, at least 1).
 **Modes**, with CFG written as ``c + (s − 1)·g`` and ``g = c − u``:
 
 - ``reuse`` (the paper's Eq. 12–13): a skipped step reuses the sample's last computed guidance,
-  ``û = c − g_last``, so it still gets ``(s − 1)·g_last`` (engine action REUSE).
+  ``û = c − (σ/σ_last)·g_last``, so it still gets ``(s − 1)·(σ/σ_last)·g_last``: the guidance is
+  reused in noise space, where the paper reuses its gradient (engine action REUSE).
 - ``compress`` (the paper's Eq. 14: "compressing the duplicated gradients into one guidance
   step"): skipped steps are not guided (``û = c``); a guided step that covers ``m`` steps (itself
   and the skipped steps up to the next guided one) gets ``m`` times the guidance,
@@ -77,7 +78,7 @@ class _RunState:
 
 @dataclass(frozen=True)
 class CompressGuidance(GuidancePolicy):
-    """Guidance on a skewed subset of steps; reuse (``û = c − g_last``) or compress it elsewhere.
+    """Guidance on a skewed subset of steps; reuse (``û = c − (σ/σ_last)·g_last``) or compress it elsewhere.
 
     Args:
         compression: steps per guided step, ``r = N / n`` (used when ``guided_steps`` is 0);

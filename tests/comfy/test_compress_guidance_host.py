@@ -145,7 +145,7 @@ def test_patch_and_guider_agree_and_differ_from_cfg(host, tiny_model, conds, mod
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("sampler_name", ["euler", "heun", "dpmpp_2m", "euler_cfg_pp"])
 def test_what_post_cfg_hooks_see(host, tiny_model, conds, runs, mode, sampler_name):
-    """A skipped uncond is c − g_last (reuse) or c (compress), never zeros."""
+    """A skipped uncond is c − (σ/σ_last)·g_last (reuse) or c (compress), never zeros."""
     positive, negative = conds
     model, counter = counted(tiny_model)
     seen = []
@@ -160,13 +160,15 @@ def test_what_post_cfg_hooks_see(host, tiny_model, conds, runs, mode, sampler_na
     records = runs[-1].records
     assert len(records) == len(seen) == len(counter.calls)
     assert {r.step for r in records if r.evaluations == 2} == set(GUIDED)
-    last_guidance = None
+    last_guidance = last_sigma = None
     for record, (cond, uncond) in zip(records, seen):
         assert uncond.abs().sum() > 0
         if record.evaluations == 2:
-            last_guidance = cond - uncond  # reuse: the real uncond; compress: not cached, not used
+            # reuse: the real uncond; compress: not cached, not used
+            last_guidance, last_sigma = cond - uncond, record.sigma
         elif mode == "reuse":
-            assert torch.equal(uncond, cond - last_guidance)
+            expected = cond - (record.sigma / last_sigma) * last_guidance  # reused in noise space
+            assert torch.allclose(uncond, expected, rtol=1e-5, atol=1e-5)
         else:
             assert torch.equal(uncond, cond)
 
