@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .bench_methods import BenchVariant, all_variants
+from .bench_methods import BenchContext, BenchVariant, all_variants
 from .files import atomic_write_text
 from .metrics import frechet_distance, mean_psnr, psnr, ssim
 from .reference.classifier import SceneClassifier, adherence
@@ -83,17 +83,23 @@ def _scale(variant: BenchVariant, settings: BenchSettings) -> float:
 
 
 @torch.no_grad()
-def run_variant(model: ReferenceModel, variant: BenchVariant, settings: BenchSettings, cond: TextConditioning,
-                uncond: TextConditioning, noise: torch.Tensor, sigmas: torch.Tensor,
+def run_variant(context: BenchContext, variant: BenchVariant, cond: TextConditioning, noise: torch.Tensor,
                 report: str = "") -> tuple[torch.Tensor, list[int], float]:
-    """Sample every prompt with one variant: images in [0, 1], evaluations per image, seconds."""
+    """Sample every prompt with one variant: images in [0, 1], evaluations per image, seconds.
+
+    One-time preparation (calibration) happens before the clock starts; its time is in
+    ``context.preparation_seconds``.
+    """
+    model, settings, sigmas, uncond = context.model, context.settings, context.sigmas, context.uncond
+    _progress(f"bench: {report} preparing")
+    variant.make_policies(context)
     images, evaluations, seconds = [], [], 0.0
     for start in range(0, noise.shape[0], settings.batch):
         rows = slice(start, start + settings.batch)
         counting = _CountingModel(model)
         began = time.perf_counter()
         result = sample(counting, noise[rows], sigmas, cond.select(rows), uncond,
-                        _scale(variant, settings), settings.sampler, variant.make_policies(),
+                        _scale(variant, settings), settings.sampler, variant.make_policies(context),
                         percent_to_sigma=model.schedule.percent_to_sigma)
         seconds += time.perf_counter() - began
         batch = noise[rows].shape[0]
@@ -122,9 +128,10 @@ def run_bench(settings: BenchSettings, out: Path, model: ReferenceModel | None =
         real = torch.stack([render(scene, 7_000_003 + settings.seed * 1000 + i) for i, scene in enumerate(scenes)])
         real_features = classifier.embed(real)
 
+    context = BenchContext(model, settings, sigmas, uncond)
     outputs: dict[str, tuple[BenchVariant, torch.Tensor, list[int], float]] = {}
     for index, variant in enumerate(variants):
-        outputs[variant.label] = (variant, *run_variant(model, variant, settings, cond, uncond, noise, sigmas,
+        outputs[variant.label] = (variant, *run_variant(context, variant, cond, noise,
                                                          f"[{index + 1}/{len(variants)}] {variant.label}"))
     sys.stderr.write("\n")
 
@@ -152,7 +159,8 @@ def run_bench(settings: BenchSettings, out: Path, model: ReferenceModel | None =
                 "frechet": frechet_distance(classifier.embed(images), real_features),
             })
     result = {"settings": {**settings.to_dict(), "model": model.metadata.get("format") if hasattr(model, "metadata") else None,
-                           "model_parameters": model.count_parameters(), "threads": torch.get_num_threads()},
+                           "model_parameters": model.count_parameters(), "threads": torch.get_num_threads(),
+                           "preparation_seconds": context.preparation_seconds},
               "rows": rows}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "bench.json", json.dumps(result, indent=2))
@@ -207,13 +215,20 @@ def main(options: argparse.Namespace) -> None:
                              options.sampler, options.scheduler, options.batch, methods)
     torch.manual_seed(options.seed)
     result = run_bench(settings, options.out)
-    sys.stdout.write(format_table(result) + "\n")
+    sys.stdout.write(format_table(result) + "\n" + preparation_text(result))
     sys.stdout.write(f"wrote {options.out / 'bench.json'}, {options.out / 'grid.png'}, {options.out / 'plot.png'}\n")
     if options.update_readme:
         update_readme(options.update_readme, result, command=" ".join(["python -m fastguidance bench"] + sys.argv[2:]))
 
 
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def preparation_text(result: dict[str, Any]) -> str:
+    """One line per one-time preparation (calibrations), with its wall time; empty when there was none."""
+    preparations = result["settings"].get("preparation_seconds") or {}
+    return "".join(f"\nOne-time cost, not in the seconds above: {name}: {seconds:.1f} s.\n"
+                   for name, seconds in preparations.items())
 
 
 def update_readme(path: Path, result: dict[str, Any], command: str) -> None:
@@ -226,5 +241,5 @@ def update_readme(path: Path, result: dict[str, Any], command: str) -> None:
     settings = result["settings"]
     block = (f"{README_START}\n`{command}` ({settings['samples']} prompts of which {settings['held_out']} held out, "
              f"{settings['steps']} steps {settings['sampler']}/{settings['scheduler']}, cfg {settings['scale']}, "
-             f"{settings['threads']} CPU threads):\n\n{format_table(result)}\n{README_END}")
+             f"{settings['threads']} CPU threads):\n\n{format_table(result)}\n{preparation_text(result)}{README_END}")
     atomic_write_text(path, before + block + after)

@@ -8,11 +8,47 @@ benchmark by adding a factory to :data:`VARIANT_FACTORIES`; combinations are var
 
 from __future__ import annotations
 
+import random
+import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
+
+import torch
 
 from .engine import GuidancePolicy
-from .policies import AdaptiveGuidance
+from .policies import AdaptiveGuidance, CompressGuidance
+from .policies.linear_ag import LinearAG, LinearAGCalibration, LinearAGCoefficients
+from .reference.model import ReferenceModel, TextConditioning
+from .reference.scenes import random_scene
+from .sampling import sample
+
+
+@dataclass
+class BenchContext:
+    """What a variant's policies may need: the model and settings of the run, and one-time work.
+
+    :meth:`prepared` runs expensive preparation (a calibration) once per benchmark, shared by the
+    variants that need it, and records its wall time in :attr:`preparation_seconds` (reported in
+    ``bench.json`` as the method's cost outside sampling).
+    """
+
+    model: ReferenceModel
+    settings: Any  # fastguidance.bench.BenchSettings
+    sigmas: torch.Tensor
+    uncond: TextConditioning
+    preparation_seconds: dict[str, float] = field(default_factory=dict)
+    _prepared: dict[str, Any] = field(default_factory=dict)
+
+    def prepared(self, key: str, make: Callable[[], Any]) -> Any:
+        if key not in self._prepared:
+            began = time.perf_counter()
+            self._prepared[key] = make()
+            self.preparation_seconds[key] = time.perf_counter() - began
+        return self._prepared[key]
+
+
+def _no_policies(context: BenchContext) -> Sequence[GuidancePolicy]:
+    return ()
 
 
 @dataclass(frozen=True)
@@ -21,7 +57,7 @@ class BenchVariant:
 
     method: str  # none, cfg, ag, compg, linear_ag, agd, adadiff, or parts joined by "+"
     settings: dict = field(default_factory=dict)
-    make_policies: Callable[[], Sequence[GuidancePolicy]] = tuple
+    make_policies: Callable[[BenchContext], Sequence[GuidancePolicy]] = _no_policies
     guided: bool = True  # False: no guidance at all (cfg scale 1, one evaluation per step)
     scale: float | None = None  # CFG scale of this row; None: the benchmark's --scale
 
@@ -43,16 +79,79 @@ def adaptive_guidance_variants() -> list[BenchVariant]:
     variants = []
     for threshold in (0.991, 0.98):
         variants.append(BenchVariant("ag", {"threshold": threshold},
-                                     lambda threshold=threshold: [AdaptiveGuidance(threshold=threshold)]))
+                                     lambda _, threshold=threshold: [AdaptiveGuidance(threshold=threshold)]))
     variants.append(BenchVariant("ag", {"threshold": 0.98, "after_cutoff": "reuse"},
-                                 lambda: [AdaptiveGuidance(threshold=0.98, after_cutoff="reuse")]))
+                                 lambda _: [AdaptiveGuidance(threshold=0.98, after_cutoff="reuse")]))
     return variants
+
+
+def compress_guidance_variants() -> list[BenchVariant]:
+    """Compression rates around the issue's goal (rate 5 = 4 guided of 20 steps = 40% fewer
+    evaluations), skews below, at and above 1, both modes, and the combination with Adaptive Guidance."""
+    grid = [(2.0, 1.0, "reuse"), (5.0, 0.5, "reuse"), (5.0, 1.0, "reuse"), (5.0, 2.0, "reuse"),
+            (10.0, 1.0, "reuse"), (5.0, 1.0, "compress"), (5.0, 2.0, "compress")]
+    variants = [BenchVariant("compg", {"rate": rate, "k": skew, "mode": mode},
+                             lambda _, rate=rate, skew=skew, mode=mode: [
+                                 CompressGuidance(compression=rate, skew=skew, mode=mode)])
+                for rate, skew, mode in grid]
+    variants.append(BenchVariant("ag+compg", {"threshold": 0.991, "rate": 5.0, "k": 1.0},
+                                 lambda _: [AdaptiveGuidance(threshold=0.991), CompressGuidance(5.0, skew=1.0)]))
+    return variants
+
+
+#: LinearAG calibration of the benchmark: paths of training prompts, seeds apart from the bench's
+LINEAR_AG_CALIBRATION_PATHS = 64
+LINEAR_AG_WINDOW = 2
+
+
+def calibrate_linear_ag(context: BenchContext, paths: int = LINEAR_AG_CALIBRATION_PATHS,
+                        window: int = LINEAR_AG_WINDOW, regularization: float = 1e-3) -> LinearAGCoefficients:
+    """Fit LinearAG on the reference model with the benchmark's sampler, schedule and scale.
+
+    The calibration prompts and noise come from their own seeds, so no benchmark image is seen.
+    """
+    settings, model = context.settings, context.model
+    rng = random.Random(1_000_000 + settings.seed)
+    prompts = [random_scene(rng, held_out=False).prompt for _ in range(paths)]
+    generator = torch.Generator().manual_seed(1_000_000 + settings.seed)
+    noise = torch.randn(paths, 3, 32, 32, generator=generator)
+    calibration = LinearAGCalibration(window)
+    with torch.no_grad():
+        cond = model.encode(prompts)
+        for start in range(0, paths, settings.batch):
+            rows = slice(start, start + settings.batch)
+            sample(model, noise[rows], context.sigmas, cond.select(rows), context.uncond, settings.scale,
+                   settings.sampler, [calibration.policy()], percent_to_sigma=model.schedule.percent_to_sigma)
+    return calibration.fit(regularization, {"sampler": settings.sampler, "scheduler": settings.scheduler,
+                                            "cfg": settings.scale, "name": "reference model (bench)"})
+
+
+def linear_ag_variants() -> list[BenchVariant]:
+    """The paper's alternating policy, estimating every step from a point on, and error bounds."""
+
+    def policies(**options):
+        def make(context: BenchContext) -> list[GuidancePolicy]:
+            key = f"linear_ag calibration ({LINEAR_AG_CALIBRATION_PATHS} paths, window {LINEAR_AG_WINDOW})"
+            return [LinearAG(context.prepared(key, lambda: calibrate_linear_ag(context)), **options)]
+        return make
+
+    return [
+        BenchVariant("linear_ag", {"mode": "alternate"}, policies(mode="alternate")),
+        BenchVariant("linear_ag", {"mode": "after_step", "after_step": 4}, policies(mode="after_step", after_step=4)),
+        BenchVariant("linear_ag", {"mode": "after_step", "after_step": 8}, policies(mode="after_step", after_step=8)),
+        BenchVariant("linear_ag", {"mode": "error_bound", "error_bound": 0.3},
+                     policies(mode="error_bound", error_bound=0.3)),
+        BenchVariant("linear_ag", {"mode": "error_bound", "error_bound": 0.5},
+                     policies(mode="error_bound", error_bound=0.5)),
+    ]
 
 
 #: every method's variants, in table order; later methods add their factory here
 VARIANT_FACTORIES: tuple[Callable[[], list[BenchVariant]], ...] = (
     baseline_variants,
     adaptive_guidance_variants,
+    compress_guidance_variants,
+    linear_ag_variants,
 )
 
 
