@@ -112,17 +112,52 @@ def patcher(model):
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
 
 
-def main(path: str) -> None:
+#: the VAE weights ComfyUI reads to pick the SD1.x configuration (sd.py, ``VAE.__init__``)
+VAE_CONFIG_KEYS = {
+    "decoder.conv_in.weight": (512, 4, 3, 3),
+    "encoder.down.2.downsample.conv.weight": (512, 512, 3, 3),
+    "post_quant_conv.weight": (4, 4, 1, 1),
+}
+
+
+def checkpoint_extras(model, seed: int) -> dict:
+    """A full SD1.5 text encoder and VAE with seeded weights, under the checkpoint's key prefixes.
+
+    ComfyUI builds models without initialising their weights, so a checkpoint without them would
+    give garbage (NaN) text embeddings and images; seeded small weights give finite, useless ones:
+    enough for tests of the UI and the plumbing. Stored in fp16 (about 0.4 GB in all).
+    """
+    import comfy.sd
+
+    clip = comfy.sd.CLIP(model.model_config.clip_target(), tokenizer_data={})
+    seeded_weights(clip.cond_stage_model, seed + 1, attn2_std=0.02, std=0.02)
+    vae = comfy.sd.VAE(sd={name: torch.zeros(shape) for name, shape in VAE_CONFIG_KEYS.items()})
+    seeded_weights(vae.first_stage_model, seed + 2, attn2_std=0.02, std=0.02)
+    extras = {}
+    for name, value in clip.cond_stage_model.state_dict().items():
+        if name.startswith("clip_l.transformer."):
+            extras["cond_stage_model.transformer." + name[len("clip_l.transformer."):]] = value.half().contiguous()
+    for name, value in vae.first_stage_model.state_dict().items():
+        extras["first_stage_model." + name] = value.half().contiguous()
+    return extras
+
+
+def main(path: str, checkpoint: bool = False, seed: int = 0) -> None:
+    """Write the SD1.5-detectable test UNet to ``path``: a diffusion-model file, or with ``checkpoint``
+    a checkpoint (``model.diffusion_model.`` keys plus :func:`checkpoint_extras`)."""
     import json
 
     import_comfy(os.getcwd())
     import comfy.utils
 
-    model = sd15_detectable_model()
+    model = sd15_detectable_model(seed)
     state_dict = {name: value.contiguous() for name, value in model.diffusion_model.state_dict().items()}
+    if checkpoint:
+        state_dict = {f"model.diffusion_model.{name}": value for name, value in state_dict.items()}
+        state_dict.update(checkpoint_extras(model, seed))
     comfy.utils.save_torch_file(state_dict, path)
     sys.stdout.write(json.dumps({"parameters": sum(v.numel() for v in state_dict.values()), "tensors": len(state_dict)}) + "\n")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], checkpoint="--checkpoint" in sys.argv[2:])

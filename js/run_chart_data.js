@@ -1,0 +1,106 @@
+// FastGuidance: pure data shaping for the per-step run chart (no DOM, no ComfyUI imports), so that
+// Node's built-in test runner checks it in CI (tests/js/). The drawing lives in run_chart.js.
+//
+// Input: the "fastguidance.run" message the backend sends after each sampling run
+// ({node, policies, total_steps, batch_size, summary, records}; see fastguidance/engine.py).
+
+/** Colour of each engine action (and of the single-pass adapter step), shared by strip and legend. */
+export const ACTION_COLORS = Object.freeze({
+  full: "#4a90d9",
+  reuse: "#a070e0",
+  estimate: "#3cb371",
+  cond_only: "#e0a030",
+  adapter: "#d95f5f",
+});
+
+/** Words shown in the legend for each action. */
+export const ACTION_LABELS = Object.freeze({
+  full: "full CFG",
+  reuse: "reused",
+  estimate: "estimated",
+  cond_only: "cond only",
+  adapter: "single pass",
+});
+
+/** Most samples drawn as separate strip rows; larger batches draw the first ones. */
+export const MAX_STRIP_ROWS = 4;
+
+function isNumber(value) {
+  return typeof value === "number" && Number.isFinite(value);
+}
+
+/** Mean of the finite numbers in `values`, or null when there is none. */
+export function meanOf(values) {
+  const finite = (values || []).filter(isNumber);
+  return finite.length ? finite.reduce((a, b) => a + b, 0) / finite.length : null;
+}
+
+/** "model evaluations: 38 of 60 (1.58× fewer)" from a run summary (batch evaluations). */
+export function summaryLine(summary) {
+  if (!summary || !isNumber(summary.evaluations) || !isNumber(summary.cfg_evaluations)) return "";
+  const speedup = summary.evaluations > 0 ? summary.cfg_evaluations / summary.evaluations : 1;
+  return `model evaluations: ${summary.evaluations} of ${summary.cfg_evaluations} (${speedup.toFixed(2)}× fewer)`;
+}
+
+/** The AG threshold of the run, if an Adaptive Guidance policy took part (for the dashed line). */
+export function agThreshold(policies) {
+  const ag = (policies || []).find((policy) => policy && policy.method === "ag" && isNumber(policy.threshold));
+  return ag && ag.threshold <= 1 ? ag.threshold : null;
+}
+
+/**
+ * Shape a run message into what the chart draws, or null when there is nothing to draw.
+ * One entry per model call (midpoint samplers make two calls per step).
+ */
+export function shapeRun(detail) {
+  const records = Array.isArray(detail?.records) ? detail.records : [];
+  if (!records.length) return null;
+  const batch = Math.max(1, Number(detail.batch_size) || records[0].actions?.length || 1);
+  const rows = Math.min(batch, MAX_STRIP_ROWS);
+  const calls = records.map((record) => {
+    const actions = Array.isArray(record.actions) ? record.actions : [];
+    return {
+      call: record.call,
+      step: record.step,
+      sigma: record.sigma,
+      actions: Array.from({ length: rows }, (_, sample) => actions[sample] in ACTION_COLORS ? actions[sample] : "full"),
+      cosine: meanOf(record.cosine),
+    };
+  });
+  const present = new Set(calls.flatMap((call) => call.actions));
+  return {
+    methods: (detail.policies || []).map((policy) => policy?.method).filter(Boolean).join("+"),
+    summary: summaryLine(detail.summary),
+    threshold: agThreshold(detail.policies),
+    rows,
+    batch,
+    calls,
+    legend: Object.keys(ACTION_COLORS).filter((action) => present.has(action)),
+    hasCosine: calls.some((call) => call.cosine !== null),
+  };
+}
+
+/** Vertical range of the cosine plot: the measured values and the threshold, padded, never above 1. */
+export function cosineRange(calls, threshold) {
+  const values = calls.map((call) => call.cosine).filter(isNumber);
+  if (isNumber(threshold)) values.push(threshold);
+  if (!values.length) return [0, 1];
+  let low = Math.min(...values);
+  let high = Math.max(...values);
+  const pad = Math.max((high - low) * 0.1, 1e-4);
+  low -= pad;
+  high = Math.min(1, high + pad);
+  if (high <= low) low = high - 2 * pad;
+  return [low, high];
+}
+
+/** x of the centre of call `index` of `count` in a plot from `left` to `left + width`. */
+export function callX(index, count, left, width) {
+  return left + ((index + 0.5) * width) / Math.max(count, 1);
+}
+
+/** y of `value` in a plot from `top` (value = high) to `top + height` (value = low). */
+export function valueY(value, [low, high], top, height) {
+  const span = high - low || 1;
+  return top + ((high - value) / span) * height;
+}

@@ -1,0 +1,38 @@
+"""The frontend's pure data-shaping code, run by Node's built-in test runner (``tests/js/``).
+
+Node.js is part of the development machines (see the README); where it is missing the test is
+skipped with the reason rather than silently passing.
+"""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+JS_TESTS = sorted((PROJECT_ROOT / "tests" / "js").glob("*.test.mjs"))
+
+
+def test_there_are_js_tests():
+    assert JS_TESTS, "no tests/js/*.test.mjs"
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="Node.js is not installed (needed for the frontend's unit tests)")
+def test_frontend_data_shaping_passes_node_test_runner():
+    result = subprocess.run(["node", "--test", *map(str, JS_TESTS)], cwd=PROJECT_ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert "# fail 0" in result.stdout and "# pass 0" not in result.stdout
+
+
+def test_frontend_files_register_one_extension_each_and_chain_handlers():
+    """One feature per file; a file that overrides a node handler calls the previous one."""
+    for path in (PROJECT_ROOT / "js").glob("*.js"):
+        text = path.read_text(encoding="utf-8")
+        assert text.count("app.registerExtension(") <= 1, f"{path.name} registers several extensions"
+        for handler in ("onDrawForeground", "onExecuted", "onNodeCreated", "onConfigure"):
+            if f"nodeType.prototype.{handler} = function" in text:
+                assert f"{handler}?.apply(this, arguments)" in text, f"{path.name} does not chain {handler}"
+        if "registerExtension" not in text:
+            assert "from \"../../scripts/" not in text, f"{path.name} is pure data code: it must not import the app"
