@@ -61,6 +61,23 @@ def conditioning_features(tokens: torch.Tensor, pooled: torch.Tensor | None = No
     return torch.cat([mean, pooled.float().reshape(pooled.shape[0], -1)], dim=1)
 
 
+def latent_fidelity(candidate: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """SSIM per sample between latents, each pair scaled to [0, 1] by the reference's own range.
+
+    The default quality when no VAE is given (module docstring). 5-D video latents
+    ``[B, C, T, H, W]`` are compared with their frames as channels.
+    """
+    from .metrics import ssim
+
+    if candidate.shape != reference.shape:
+        raise InvalidInputError("latent", tuple(candidate.shape), f"expected the reference's shape {tuple(reference.shape)}")
+    flat_c = candidate.float().reshape(candidate.shape[0], -1, *candidate.shape[-2:])
+    flat_r = reference.float().reshape(reference.shape[0], -1, *reference.shape[-2:])
+    low = flat_r.amin(dim=(1, 2, 3), keepdim=True)
+    span = (flat_r.amax(dim=(1, 2, 3), keepdim=True) - low).clamp(min=1e-6)
+    return ssim(((flat_c - low) / span).clamp(0, 1), ((flat_r - low) / span).clamp(0, 1))
+
+
 def step_reward(quality: torch.Tensor, steps: torch.Tensor, max_steps: int, cost_weight: float) -> torch.Tensor:
     """``R = q − λ·(steps / max steps)`` per sample (module docstring)."""
     return quality.float() - cost_weight * steps.float() / float(max_steps)
@@ -168,7 +185,9 @@ class StepPolicyTrainer:
     def update(self, features: torch.Tensor, indices: torch.Tensor, quality: torch.Tensor) -> float:
         """One policy-gradient step from the qualities of the sampled options; returns the mean reward."""
         steps = torch.tensor([self.predictor.options[i] for i in indices.tolist()], dtype=torch.float32)
-        reward = step_reward(quality.detach().cpu(), steps, max(self.predictor.options), self.cost_weight)
+        # a plain copy: qualities computed under the host's inference mode cannot join autograd
+        quality = torch.tensor([float(q) for q in quality.reshape(-1).tolist()])
+        reward = step_reward(quality, steps, max(self.predictor.options), self.cost_weight)
         mean_reward = float(reward.mean())
         baseline = mean_reward if self.baseline is None else self.baseline
         logits = self.predictor(features)

@@ -8,6 +8,7 @@ from .adaptive_guidance import AdaptiveGuidanceNode, AdaptiveGuiderNode
 from .compare_images import CompareImagesNode
 from .compress_guidance import CompressGuidanceNode, CompressGuiderNode
 from .linear_ag import LinearAGCalibrateNode, LinearAGNode
+from .step_predictor import StepPredictorNode, TrainStepPredictorNode
 
 #: the one list of the pack's nodes
 NODES: list[type[io.ComfyNode]] = [
@@ -18,6 +19,8 @@ NODES: list[type[io.ComfyNode]] = [
     CompressGuiderNode,
     LinearAGCalibrateNode,
     LinearAGNode,
+    StepPredictorNode,
+    TrainStepPredictorNode,
 ]
 
 

@@ -25,17 +25,6 @@ log = logging.getLogger("fastguidance")
 _DEFAULT_POLICY = ("alternate", 1, 0.3)
 
 
-def _file_name(name: str) -> str:
-    """``name`` as a file of the LinearAG folder (``.safetensors`` added), or an error naming the input."""
-    stem = name.strip()
-    if stem.endswith(".safetensors"):
-        stem = stem[: -len(".safetensors")]
-    if not stem or any(char in stem for char in '/\\:*?"<>|') or stem.startswith("."):
-        raise InvalidInputError("filename", name, "use a plain file name without folders or the characters "
-                                                  '/ \\ : * ? " < > |, e.g. "sd15_dpmpp_2m_karras_20"')
-    return stem + ".safetensors"
-
-
 def calibration_report(coefficients: LinearAGCoefficients, path: str, seconds: float) -> str:
     """The calibrate node's text output: what was fitted and how well, per step."""
     info = coefficients.info
@@ -100,7 +89,7 @@ class LinearAGCalibrateNode(io.ComfyNode):
             validate_linear_ag_calibration(2 if window is None else window,
                                            1e-3 if regularization is None else regularization)
             if filename is not None:
-                _file_name(filename)
+                model_folders.file_name(filename)
         except InvalidInputError as error:
             return str(error)
         return True
@@ -109,7 +98,7 @@ class LinearAGCalibrateNode(io.ComfyNode):
     def execute(cls, model, positive, negative, latent_image, seed: int, runs: int, sampler_name: str,
                 scheduler: str, steps: int, cfg: float, window: int, regularization: float, filename: str,
                 overwrite: bool) -> io.NodeOutput:
-        name = _file_name(filename)
+        name = model_folders.file_name(filename)
         path = model_folders.output_path(model_folders.LINEAR_AG, name)
         if not overwrite and model_folders.full_path(model_folders.LINEAR_AG, name) is not None:
             raise InvalidInputError("filename", filename, f"{name} already exists in models/fastguidance_linear_ag: "

@@ -10,10 +10,23 @@ import os
 
 import folder_paths
 
+from ..fastguidance.errors import InvalidInputError
+
 LINEAR_AG = "fastguidance_linear_ag"
 ADAPTERS = "fastguidance_adapters"
 STEP_PREDICTORS = "fastguidance_step_predictors"
 EXTENSIONS = {".safetensors"}
+
+
+def file_name(name: str) -> str:
+    """A user's ``filename`` input as a file of a pack folder (``.safetensors`` added), or an error naming it."""
+    stem = name.strip()
+    if stem.endswith(".safetensors"):
+        stem = stem[: -len(".safetensors")]
+    if not stem or any(char in stem for char in '/\\:*?"<>|') or stem.startswith("."):
+        raise InvalidInputError("filename", name, "use a plain file name without folders or the characters "
+                                                  '/ \\ : * ? " < > |, e.g. "sd15_dpmpp_2m_karras_20"')
+    return stem + ".safetensors"
 
 
 def register(name: str) -> None:

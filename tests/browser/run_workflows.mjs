@@ -71,6 +71,13 @@ async function shrinkForCpu() {
         set(node, "height", 64);
       }
       if (node.type === "FastGuidance_LinearAGCalibrate") set(node, "runs", 1);
+      if (node.type === "FastGuidance_TrainStepPredictor") {
+        set(node, "iterations", 2);
+        set(node, "batch", 2);
+        set(node, "width", 96);
+        set(node, "height", 96);
+        set(node, "step_options", "2, 3");
+      }
     }
   });
 }
@@ -109,11 +116,17 @@ async function charts() {
       calls: node.fastguidanceChart?.calls?.length ?? 0, height: node.size[1] })), [...CHART_NODES]);
 }
 
+async function stepCounts() {
+  return page.evaluate(() => window.app.graph.nodes.filter((node) => node.type === "FastGuidance_StepPredictor")
+    .map((node) => node.fastguidanceSteps ?? null));
+}
+
 async function chartCloseUps(name) {
   // A close-up of each node with a chart (the README shows them).
   const shots = [];
   const ids = await page.evaluate((chartNodes) => window.app.graph.nodes
-    .filter((node) => chartNodes.includes(node.type) && node.fastguidanceChart).map((node) => node.id), [...CHART_NODES]);
+    .filter((node) => (chartNodes.includes(node.type) && node.fastguidanceChart) || node.fastguidanceSteps)
+    .map((node) => node.id), [...CHART_NODES]);
   for (const id of ids) {
     const box = await page.evaluate((nodeId) => {
       const canvas = window.app.canvas;
@@ -138,7 +151,9 @@ async function chartCloseUps(name) {
 await openApp();
 const startupErrors = errors.slice();
 const templates = await page.evaluate(async () => (await fetch("/workflow_templates")).json());
-const names = [...(templates[packFolder] || [])].sort();
+// workflows that make a file (calibration, training) run before those that use it
+const makesFile = (name) => (/calibrate|train/.test(name) ? 0 : 1);
+const names = [...(templates[packFolder] || [])].sort((a, b) => makesFile(a) - makesFile(b) || a.localeCompare(b));
 const workflows = [];
 for (const name of names) {
   const entry = { name, ok: false, error: null, charts: [], screenshot: null, nodes: [], pageErrors: [] };
@@ -151,6 +166,7 @@ for (const name of names) {
     entry.error = result.error ?? null;
     await page.waitForTimeout(500); // the run message arrives with or just after the end of the run
     entry.charts = await charts();
+    entry.stepCounts = await stepCounts();
     await page.evaluate(() => window.app.canvas.setDirty(true, true));
     await page.waitForTimeout(300);
     entry.screenshot = join(outDir, `${name}.png`);

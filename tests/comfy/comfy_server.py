@@ -187,6 +187,7 @@ def _write_environment(root: Path) -> tuple[Path, Path, Path]:
         f"  base_path: {json.dumps(str(env))}\n"
         "  diffusion_models: models/diffusion_models\n"
         "  checkpoints: models/checkpoints\n"
+        "  fastguidance_step_predictors: models/fastguidance_step_predictors\n"
         "  custom_nodes: custom_nodes\n"
     )
     return config, site, diffusion_models

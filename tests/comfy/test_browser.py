@@ -65,7 +65,7 @@ def pack_errors(messages):
 
 def test_every_example_workflow_runs_in_the_page(browser_run):
     names = sorted(path.stem for path in (PACK_DIR / "example_workflows").glob("*.json"))
-    assert [w["name"] for w in browser_run["workflows"]] == names
+    assert sorted(w["name"] for w in browser_run["workflows"]) == names
     failed = {w["name"]: w["error"] for w in browser_run["workflows"] if not w["ok"]}
     assert not failed, f"{failed}\n\n{browser_run['server_log'][-6000:]}"
 
@@ -76,6 +76,11 @@ def test_the_chart_is_drawn_on_every_patch_node_that_ran(browser_run):
         assert len(workflow["charts"]) == len(ours), workflow
         for chart in workflow["charts"]:
             assert chart["calls"] > 0 and chart["summary"].startswith("model evaluations: "), (workflow["name"], chart)
+
+
+def test_the_step_predictor_shows_its_choice(browser_run):
+    shown = [count for w in browser_run["workflows"] for count in w.get("stepCounts", [])]
+    assert shown and all(count in ("2 steps", "3 steps") for count in shown), shown
 
 
 def test_screenshots_are_saved(browser_run):

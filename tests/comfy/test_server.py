@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from typing import Iterator
 
 import pytest
+import torch
 
 from comfy_server import PACK_DIR, PACK_FOLDER, UNET_NAME, Server, running_server
 
@@ -36,6 +38,8 @@ EXPECTED_NODES = {
     "FastGuidance_CompressGuider": "sampling/custom_sampling/guiders",
     "FastGuidance_LinearAGCalibrate": "sampling/fastguidance",
     "FastGuidance_LinearAG": "sampling/fastguidance",
+    "FastGuidance_StepPredictor": "sampling/fastguidance",
+    "FastGuidance_TrainStepPredictor": "sampling/fastguidance",
 }
 #: node types that only the frontend knows (never in /object_info)
 FRONTEND_ONLY_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
@@ -316,3 +320,33 @@ def test_example_workflows_match_the_host(server, object_info):
                 input_name = target_node["inputs"][target_slot]["name"]
                 assert socket_type(object_info[target_node["type"]], input_name) in (kind, "*"), \
                     f"{path.name} link {link_id}: target {target_node['type']}.{input_name} is not {kind}"
+
+
+def test_step_predictor_drives_ksampler_steps(server):
+    """StepPredictor's INT output linked to KSampler's steps input, posted to /prompt."""
+    sys.path.insert(0, str(PACK_DIR))
+    try:
+        from fastguidance.step_predictor import StepPredictor, save_step_predictor
+    finally:
+        sys.path.remove(str(PACK_DIR))
+    folder = server.root / "env" / "models" / "fastguidance_step_predictors"
+    folder.mkdir(parents=True, exist_ok=True)
+    predictor = StepPredictor(768, (2, 3, 4), hidden=8)  # FGTest_RandomConditioning: width 768, no pooled vector
+    with torch.no_grad():
+        predictor.network[-1].bias[1] = 5.0  # always 3 steps
+    save_step_predictor(predictor, folder / "fg_steps.safetensors", {"sampler": "euler"}, overwrite=True)
+    prompt = base_prompt()
+    prompt.update({
+        "30": {"class_type": "FastGuidance_StepPredictor", "inputs": {
+            "positive": ["2", 0], "predictor": "fg_steps.safetensors", "model": ["1", 0], "scheduler": "normal"}},
+        "31": {"class_type": "KSampler", "inputs": {
+            "model": ["1", 0], "seed": 3, "steps": ["30", 0], "cfg": 6.0, "sampler_name": "euler",
+            "scheduler": "normal", "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "denoise": 1.0}},
+        "32": {"class_type": "SaveLatent", "inputs": {"samples": ["31", 0], "filename_prefix": "fgtest/predicted"}},
+    })
+    with server.explain():
+        _, entry = server.run_prompt(prompt)
+        assert entry["status"]["completed"], entry["status"]
+        assert entry["outputs"]["30"]["text"] == ["3 steps"], entry["outputs"]
+        assert "FastGuidance [adadiff]: 3 steps" in server.log()
+        assert "3/3" in server.log()  # the KSampler's progress bar: three steps
