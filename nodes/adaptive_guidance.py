@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import comfy.samplers
 from comfy_api.latest import io
 
 from ..fastguidance.errors import InvalidInputError
 from ..fastguidance.policies.adaptive import AFTER_CUTOFF_MODES, MAX_THRESHOLD, AdaptiveGuidance, validate_adaptive_guidance
-from .engine_patch import install_policy
+from .engine_patch import cfg_guider, guider_inputs, install_policy
 
 
 _DEFAULTS = AdaptiveGuidance()
@@ -93,14 +92,7 @@ class AdaptiveGuiderNode(io.ComfyNode):
             description="A CFG guider for SamplerCustomAdvanced that stops guiding each image once its prompt and "
                         "negative predictions agree (Adaptive Guidance). With a threshold above 1 it equals the "
                         "stock CFGGuider.",
-            inputs=[
-                io.Model.Input("model", tooltip="The model to sample with."),
-                io.Conditioning.Input("positive", tooltip="The prompt conditioning."),
-                io.Conditioning.Input("negative", tooltip="The negative (or empty) prompt conditioning."),
-                io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="Classifier-free guidance scale, as in KSampler. 1.0 = no guidance "
-                                       "(nothing to skip)."),
-            ] + _settings_inputs(),
+            inputs=guider_inputs() + _settings_inputs(),
             outputs=[io.Guider.Output(tooltip="Connect to SamplerCustomAdvanced's guider input.")],
             hidden=[io.Hidden.unique_id],
         )
@@ -113,7 +105,4 @@ class AdaptiveGuiderNode(io.ComfyNode):
     def execute(cls, model, positive, negative, cfg: float, threshold: float, start_percent: float,
                 end_percent: float, after_cutoff: str) -> io.NodeOutput:
         policy = _policy(threshold, start_percent, end_percent, after_cutoff)
-        guider = comfy.samplers.CFGGuider(install_policy(model, policy, cls.hidden.unique_id))
-        guider.set_conds(positive, negative)
-        guider.set_cfg(cfg)
-        return io.NodeOutput(guider)
+        return io.NodeOutput(cfg_guider(model, positive, negative, cfg, policy, cls.hidden.unique_id))

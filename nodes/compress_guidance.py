@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import comfy.samplers
 from comfy_api.latest import io
 
 from ..fastguidance.errors import InvalidInputError
 from ..fastguidance.policies.compress import COMPRESS_MODES, MAX_SKEW, CompressGuidance, validate_compress_guidance
-from .engine_patch import install_policy
+from .engine_patch import cfg_guider, guider_inputs, install_policy
 
 
 _DEFAULTS = CompressGuidance()
@@ -96,14 +95,7 @@ class CompressGuiderNode(io.ComfyNode):
             description="A CFG guider for SamplerCustomAdvanced that evaluates the negative prompt on a few steps "
                         "only and reuses that guidance on the others (Compress Guidance). With compression 1.0 it "
                         "equals the stock CFGGuider.",
-            inputs=[
-                io.Model.Input("model", tooltip="The model to sample with."),
-                io.Conditioning.Input("positive", tooltip="The prompt conditioning."),
-                io.Conditioning.Input("negative", tooltip="The negative (or empty) prompt conditioning."),
-                io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="Classifier-free guidance scale, as in KSampler. 1.0 = no guidance "
-                                       "(nothing to skip)."),
-            ] + _settings_inputs(),
+            inputs=guider_inputs() + _settings_inputs(),
             outputs=[io.Guider.Output(tooltip="Connect to SamplerCustomAdvanced's guider input.")],
             hidden=[io.Hidden.unique_id],
         )
@@ -116,7 +108,4 @@ class CompressGuiderNode(io.ComfyNode):
     def execute(cls, model, positive, negative, cfg: float, compression: float, guided_steps: int, skew: float,
                 mode: str) -> io.NodeOutput:
         policy = _policy(compression, guided_steps, skew, mode)
-        guider = comfy.samplers.CFGGuider(install_policy(model, policy, cls.hidden.unique_id))
-        guider.set_conds(positive, negative)
-        guider.set_cfg(cfg)
-        return io.NodeOutput(guider)
+        return io.NodeOutput(cfg_guider(model, positive, negative, cfg, policy, cls.hidden.unique_id))

@@ -20,6 +20,7 @@ import comfy.model_patcher
 import comfy.patcher_extension
 import comfy.samplers
 import torch
+from comfy_api.latest import io
 
 from ..fastguidance.engine import GuidancePolicy, GuidanceRun
 
@@ -68,6 +69,25 @@ def install_policy(model: Any, policy: GuidancePolicy, node_id: str | None) -> A
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, ENGINE_KEY, engine_outer_sample)
     transformer_options[ENGINE_KEY] = config
     return patched
+
+
+def guider_inputs() -> list:
+    """The inputs every FastGuidance GUIDER shares with the stock CFGGuider node (before its method's settings)."""
+    return [
+        io.Model.Input("model", tooltip="The model to sample with."),
+        io.Conditioning.Input("positive", tooltip="The prompt conditioning."),
+        io.Conditioning.Input("negative", tooltip="The negative (or empty) prompt conditioning."),
+        io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                       tooltip="Classifier-free guidance scale, as in KSampler. 1.0 = no guidance (nothing to skip)."),
+    ]
+
+
+def cfg_guider(model: Any, positive: Any, negative: Any, cfg: float, policy: GuidancePolicy, node_id: str | None) -> Any:
+    """The stock CFGGuider on a model running ``policy`` (what the FastGuidance GUIDER nodes return)."""
+    guider = comfy.samplers.CFGGuider(install_policy(model, policy, node_id))
+    guider.set_conds(positive, negative)
+    guider.set_cfg(cfg)
+    return guider
 
 
 def engine_outer_sample(executor, *args, **kwargs):

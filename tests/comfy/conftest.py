@@ -75,6 +75,21 @@ def make_conds(batch: int = 1, context_dim: int = 64, seed: int = 1, positive_sc
 
 
 @pytest.fixture()
+def runs(host, monkeypatch):
+    """Every GuidanceRun that finishes during the test, captured at the report."""
+    engine_patch = sys.modules[host.pack.__name__ + ".nodes.engine_patch"]
+    captured = []
+    original = engine_patch._report
+
+    def capture(config, host_run, guider_name):
+        captured.append(host_run.run)
+        return original(config, host_run, guider_name)
+
+    monkeypatch.setattr(engine_patch, "_report", capture)
+    return captured
+
+
+@pytest.fixture()
 def conds():
     return make_conds()
 

@@ -13,19 +13,6 @@ from conftest import counted, ksampler, latent, make_conds
 STEPS = 10
 
 
-@pytest.fixture()
-def runs(host, monkeypatch):
-    """Every GuidanceRun that finishes during the test, captured at the report."""
-    engine_patch = sys.modules[host.pack.__name__ + ".nodes.engine_patch"]
-    captured = []
-    original = engine_patch._report
-
-    def capture(config, host_run, guider_name):
-        captured.append(host_run.run)
-        return original(config, host_run, guider_name)
-
-    monkeypatch.setattr(engine_patch, "_report", capture)
-    return captured
 
 
 def patch(host, model, threshold=0.991, start_percent=0.0, end_percent=1.0, after_cutoff="cond_only"):

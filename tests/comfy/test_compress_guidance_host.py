@@ -16,19 +16,6 @@ GUIDED = [0, 1, 5]
 MODES = ("reuse", "compress")
 
 
-@pytest.fixture()
-def runs(host, monkeypatch):
-    """Every GuidanceRun that finishes during the test, captured at the report."""
-    engine_patch = sys.modules[host.pack.__name__ + ".nodes.engine_patch"]
-    captured = []
-    original = engine_patch._report
-
-    def capture(config, host_run, guider_name):
-        captured.append(host_run.run)
-        return original(config, host_run, guider_name)
-
-    monkeypatch.setattr(engine_patch, "_report", capture)
-    return captured
 
 
 def patch(host, model, compression=4.0, guided_steps=0, skew=2.0, mode="reuse"):
