@@ -49,7 +49,7 @@ MODEL_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft", "
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[Server]:
-    with running_server(tmp_path_factory.mktemp("comfy_server")) as srv:
+    with running_server(tmp_path_factory.mktemp("comfy_server"), checkpoint=True) as srv:
         yield srv
 
 
@@ -350,3 +350,45 @@ def test_step_predictor_drives_ksampler_steps(server):
         assert entry["outputs"]["30"]["text"] == ["3 steps"], entry["outputs"]
         assert "FastGuidance [adadiff]: 3 steps" in server.log()
         assert "3/3" in server.log()  # the KSampler's progress bar: three steps
+
+
+#: CPU-sized settings applied to the example workflows before they are posted (same graph, smaller run)
+CPU_SIZED = {"steps": 3, "width": 64, "height": 64, "runs": 1, "iterations": 2, "batch": 2, "step_options": "2, 3"}
+#: nodes whose images must stay large enough for SSIM (11×11 latents)
+CPU_SIZED_BY_NODE = {"FastGuidance_TrainStepPredictor": {"width": 96, "height": 96}}
+
+
+def to_api_prompt(workflow: dict, object_info: dict) -> dict:
+    """A UI-format workflow as the API prompt the frontend would post (widget order from /object_info)."""
+    nodes = {node["id"]: node for node in workflow["nodes"]}
+    links = {link[0]: link for link in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        if node["type"] in FRONTEND_ONLY_NODES or node.get("mode", 0) in (2, 4):
+            continue
+        info = object_info[node["type"]]
+        inputs = {}
+        for (name, _, _), value in zip(widget_inputs(info), node.get("widgets_values", [])):
+            if name != "control_after_generate":
+                inputs[name] = value
+        sized = {**CPU_SIZED, **CPU_SIZED_BY_NODE.get(node["type"], {})}
+        for name in list(inputs):
+            if name in sized and not (node["type"] == "EmptyLatentImage" and name == "batch_size"):
+                inputs[name] = sized[name]
+        for slot in node.get("inputs", []):
+            if slot.get("link") is not None:
+                _, source, source_slot, *_ = links[slot["link"]]
+                assert nodes[source]["type"] not in FRONTEND_ONLY_NODES
+                inputs[slot["name"]] = [str(source), source_slot]
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+
+def test_every_example_workflow_runs_when_posted_in_api_format(server, object_info):
+    files = sorted((PACK_DIR / "example_workflows").glob("*.json"),
+                   key=lambda path: (0 if ("calibrate" in path.stem or "train" in path.stem) else 1, path.stem))
+    with server.explain():
+        for path in files:
+            prompt = to_api_prompt(json.loads(path.read_text(encoding="utf-8")), object_info)
+            _, entry = server.run_prompt(prompt)
+            assert entry["status"]["completed"], f"{path.name}: {entry['status']}"
