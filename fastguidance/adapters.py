@@ -1,0 +1,190 @@
+"""Adapter Guidance Distillation (AGD): small adapters that make one forward pass return CFG's result.
+
+Jensen et al., "Efficient Distillation of Classifier-Free Guidance using Adapters", arXiv 2503.07274
+(seed ``001_…``; reference code cristianpjensen/agd, MIT, read, not copied). A frozen base model gets
+residual adapters after its cross-attention blocks, conditioned on the guidance scale ``ω``
+(Fourier features + MLP), the noise level and the prompt; they are trained so that the single
+conditional pass matches the CFG prediction ``ε_u + ω·(ε_c − ε_u)`` on **CFG-guided trajectories**.
+
+This module is the model-agnostic core:
+
+- :class:`AdapterConditioner`: ``(ω, σ, pooled prompt vector) → e``, computed once per model call
+  (Fourier features of ``ω`` and ``log σ``, a projection of the pooled vector, an MLP);
+- :class:`OffsetAdapter` (``n + f(e)``, the paper's offset adapter, best for DiT) and
+  :class:`CrossAttentionAdapter` (``n + Attn(n + g(e), tokens)``, the paper's choice for
+  text-to-image UNets), each added to one attention block's output ``n``;
+- :class:`GuidanceAdapters`: the set for a model's attach points, with :meth:`GuidanceAdapters.bind`
+  returning the function a host calls at each attach point during one model call (the per-call
+  state lives in that bound object, never in the modules).
+
+Initialisation follows the paper's finding (Xavier initialisation beat zero initialisation): hidden
+layers are Xavier-initialised; the adapters' output projections start small (``0.1×`` Xavier) so
+that training starts near the base model's conditional prediction.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from .errors import InvalidInputError
+
+ADAPTER_KINDS = ("cross_attention", "offset")
+
+
+class FourierFeatures(nn.Module):
+    """``v → [sin(2π·f_k·v), cos(2π·f_k·v)]`` with fixed log-spaced frequencies ``f_k`` (``[B] → [B, 2K]``)."""
+
+    def __init__(self, count: int = 8, min_frequency: float = 0.05, max_frequency: float = 4.0):
+        super().__init__()
+        frequencies = torch.exp(torch.linspace(math.log(min_frequency), math.log(max_frequency), count))
+        self.register_buffer("frequencies", frequencies, persistent=False)
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        angles = 2 * math.pi * values.float().reshape(-1, 1) * self.frequencies.to(values.device)
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+def _xavier(linear: nn.Linear, gain: float = 1.0) -> nn.Linear:
+    nn.init.xavier_uniform_(linear.weight, gain=gain)
+    nn.init.zeros_(linear.bias)
+    return linear
+
+
+class AdapterConditioner(nn.Module):
+    """``(ω, σ, pooled) → e ∈ R^E``: what every adapter of a model call is conditioned on."""
+
+    def __init__(self, pooled_dim: int, embed_dim: int = 128, fourier: int = 8):
+        super().__init__()
+        self.omega_features = FourierFeatures(fourier, 0.05, 2.0)
+        self.sigma_features = FourierFeatures(fourier, 0.05, 2.0)
+        self.pooled = _xavier(nn.Linear(pooled_dim, embed_dim)) if pooled_dim > 0 else None
+        self.mlp = nn.Sequential(_xavier(nn.Linear(4 * fourier + (embed_dim if pooled_dim > 0 else 0), embed_dim)),
+                                 nn.SiLU(), _xavier(nn.Linear(embed_dim, embed_dim)))
+
+    def forward(self, omega: torch.Tensor, sigma: torch.Tensor, pooled: torch.Tensor | None = None) -> torch.Tensor:
+        parts = [self.omega_features(omega), self.sigma_features(torch.log(sigma.float().clamp(min=1e-4)))]
+        if self.pooled is not None:
+            if pooled is None:
+                raise InvalidInputError("pooled", None, "these adapters read the prompt's pooled vector: pass it")
+            parts.append(self.pooled(pooled.float()))
+        return self.mlp(torch.cat(parts, dim=1))
+
+
+class OffsetAdapter(nn.Module):
+    """``n + W₂·SiLU(W₁·e)``: a per-channel offset of the attention output (the same for every token)."""
+
+    def __init__(self, channels: int, embed_dim: int, hidden: int):
+        super().__init__()
+        self.hidden = _xavier(nn.Linear(embed_dim, hidden))
+        self.out = _xavier(nn.Linear(hidden, channels), gain=0.1)
+
+    def forward(self, n: torch.Tensor, embedding: torch.Tensor, tokens=None, mask=None) -> torch.Tensor:
+        return n + self.out(torch.nn.functional.silu(self.hidden(embedding))).unsqueeze(1).to(n.dtype)
+
+
+class CrossAttentionAdapter(nn.Module):
+    """``n + W_o·Attn(W_q·n + W_e·e, W_k·tokens, W_v·tokens)``: a small cross-attention to the prompt."""
+
+    def __init__(self, channels: int, text_dim: int, embed_dim: int, hidden: int, heads: int = 4):
+        super().__init__()
+        if hidden % heads:
+            raise InvalidInputError("width", hidden, f"use a multiple of {heads} (the adapter's attention heads)")
+        self.heads = heads
+        self.query = _xavier(nn.Linear(channels, hidden))
+        self.embed = _xavier(nn.Linear(embed_dim, hidden))
+        self.key = _xavier(nn.Linear(text_dim, hidden))
+        self.value = _xavier(nn.Linear(text_dim, hidden))
+        self.out = _xavier(nn.Linear(hidden, channels), gain=0.1)
+
+    def forward(self, n: torch.Tensor, embedding: torch.Tensor, tokens: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        batch, length, _ = n.shape
+        q = self.query(n.float()) + self.embed(embedding).unsqueeze(1)
+        k, v = self.key(tokens.float()), self.value(tokens.float())
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(t.shape[0], t.shape[1], self.heads, -1).transpose(1, 2)
+
+        attn_mask = None if mask is None else mask.bool()[:, None, None, :]
+        attended = torch.nn.functional.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=attn_mask)
+        return n + self.out(attended.transpose(1, 2).reshape(batch, length, -1)).to(n.dtype)
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """What a set of adapters is built for (stored in the adapter file's metadata)."""
+
+    attach_points: Mapping[str, int]  # attach point name → channels of its attention output
+    text_dim: int  # width of the prompt tokens
+    pooled_dim: int  # width of the pooled vector (0: none)
+    kind: str = "cross_attention"
+    hidden: int = 64
+    embed_dim: int = 128
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"attach_points": dict(self.attach_points), "text_dim": self.text_dim, "pooled_dim": self.pooled_dim,
+                "kind": self.kind, "hidden": self.hidden, "embed_dim": self.embed_dim}
+
+
+class GuidanceAdapters(nn.Module):
+    """The adapters of one model: a conditioner and one adapter per attach point."""
+
+    def __init__(self, spec: AdapterSpec):
+        super().__init__()
+        if spec.kind not in ADAPTER_KINDS:
+            raise InvalidInputError("kind", spec.kind, f"choose one of {', '.join(ADAPTER_KINDS)}")
+        if not spec.attach_points:
+            raise InvalidInputError("attach_points", {}, "the model has no attach point for adapters")
+        if spec.hidden < 4:
+            raise InvalidInputError("width", spec.hidden, "use an adapter width of at least 4 (64–128 is typical)")
+        self.spec = spec
+        self.conditioner = AdapterConditioner(spec.pooled_dim, spec.embed_dim)
+        self.adapters = nn.ModuleDict({
+            _module_key(name): (CrossAttentionAdapter(channels, spec.text_dim, spec.embed_dim, spec.hidden)
+                                if spec.kind == "cross_attention" else OffsetAdapter(channels, spec.embed_dim, spec.hidden))
+            for name, channels in spec.attach_points.items()})
+
+    def count_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def bind(self, omega: torch.Tensor, sigma: torch.Tensor, tokens: torch.Tensor, pooled: torch.Tensor | None = None,
+             mask: torch.Tensor | None = None) -> "BoundAdapters":
+        """The adapters for one model call: the embedding is computed once here, for every attach point."""
+        return BoundAdapters(self, self.conditioner(omega, sigma, pooled), tokens, mask)
+
+
+@dataclass
+class BoundAdapters:
+    """One model call's adapters; call it at an attach point: ``n = bound(name, n)``."""
+
+    adapters: GuidanceAdapters
+    embedding: torch.Tensor
+    tokens: torch.Tensor
+    mask: torch.Tensor | None
+
+    def __call__(self, name: str, n: torch.Tensor) -> torch.Tensor:
+        key = _module_key(name)
+        if key not in self.adapters.adapters:
+            raise KeyError(f"no adapter for attach point {name!r}; these adapters were made for "
+                           f"{sorted(self.adapters.spec.attach_points)}")
+        return self.adapters.adapters[key](n, self.embedding, self.tokens, self.mask)
+
+
+def _module_key(name: str) -> str:
+    return name.replace(".", "__")
+
+
+def cfg_target(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
+    """The distillation target, CFG's prediction ``ε_u + ω·(ε_c − ε_u)`` per sample."""
+    view = omega.reshape(-1, *([1] * (eps_cond.dim() - 1))).to(eps_cond.dtype)
+    return eps_uncond + view * (eps_cond - eps_uncond)
+
+
+def distillation_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of the single-pass prediction to the CFG target (the paper's L2 loss; L1 did worse)."""
+    return torch.nn.functional.mse_loss(prediction.float(), target.float())

@@ -1,0 +1,116 @@
+"""AGD on the reference model: its attach points, CFG-guided trajectories, and adapter training.
+
+The reference model's cross-attention outputs pass through ``options["attn2_output"]`` patches, the
+same kind of attach point as the host UNet's ``attn2_output_patch``; the adapters of
+:mod:`fastguidance.adapters` attach there. Training data are **CFG-guided trajectories** (the paper's
+key point): every step of a CFG sampling run at a random ``ω`` records the input, the noise level,
+the prompt, ``ω`` and the CFG noise prediction, the target of the single adapted pass.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from ..adapters import AdapterSpec, GuidanceAdapters, cfg_target, distillation_loss
+from ..schedules import make_sigmas
+from .model import CrossAttentionBlock, ReferenceModel, TextConditioning
+
+
+def attach_points(model: ReferenceModel) -> dict[str, int]:
+    """Cross-attention block name → channels, in the order the UNet runs them."""
+    return {module.name: module.norm1.normalized_shape[0] for module in model.unet.modules()
+            if isinstance(module, CrossAttentionBlock)}
+
+
+def adapter_spec(model: ReferenceModel, kind: str = "cross_attention", hidden: int = 32, embed_dim: int = 64) -> AdapterSpec:
+    return AdapterSpec(attach_points(model), model.config.text_dim, model.config.text_dim, kind, hidden, embed_dim)
+
+
+def single_pass_noise(model: ReferenceModel, adapters: GuidanceAdapters, x: torch.Tensor, sigma: torch.Tensor,
+                      text: TextConditioning, omega: torch.Tensor) -> torch.Tensor:
+    """The adapted model's one conditional pass: the noise prediction that should equal CFG's."""
+    bound = adapters.bind(omega, sigma, text.tokens, text.pooled, text.mask)
+    options = {"attn2_output": [lambda n, extra: bound(extra["block"], n)]}
+    return model.predict_noise(x, sigma, text, options)
+
+
+@dataclass
+class Trajectories:
+    """CFG-guided trajectory steps, stored compactly (fp16 inputs and targets)."""
+
+    x: torch.Tensor  # [N, 3, 32, 32] fp16, the sampler's input at each step
+    sigma: torch.Tensor  # [N]
+    omega: torch.Tensor  # [N]
+    prompt: torch.Tensor  # [N] index into prompts
+    target: torch.Tensor  # [N, 3, 32, 32] fp16, the CFG noise prediction
+    prompts: list[str]
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def size_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.x, self.sigma, self.omega, self.prompt, self.target))
+
+
+@torch.no_grad()
+def collect_trajectories(model: ReferenceModel, prompts: Sequence[str], omega_range: tuple[float, float] = (1.0, 8.0),
+                         steps: int = 20, scheduler: str = "karras", seed: int = 0, batch: int = 32) -> Trajectories:
+    """Euler CFG sampling of every prompt at an ``ω`` drawn uniformly from ``omega_range``, every step recorded."""
+    generator = torch.Generator().manual_seed(seed)
+    sigmas = make_sigmas(model.schedule, scheduler, steps).tolist()
+    uncond = model.encode([""])
+    xs, sig, om, idx, targets = [], [], [], [], []
+    for start in range(0, len(prompts), batch):
+        rows = list(range(start, min(start + batch, len(prompts))))
+        text = model.encode([prompts[i] for i in rows])
+        omega = omega_range[0] + (omega_range[1] - omega_range[0]) * torch.rand(len(rows), generator=generator)
+        x = torch.randn(len(rows), 3, 32, 32, generator=generator) * sigmas[0]
+        for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+            sigma_t = torch.full((len(rows),), sigma)
+            both = TextConditioning.cat([text, uncond.expand(len(rows))])
+            eps_c, eps_u = model.predict_noise(x.repeat(2, 1, 1, 1), sigma_t.repeat(2), both).chunk(2)
+            target = cfg_target(eps_c, eps_u, omega)
+            xs.append(x.half()), sig.append(sigma_t), om.append(omega.clone())
+            idx.append(torch.tensor(rows)), targets.append(target.half())
+            x = x + (sigma_next - sigma) * target  # Euler along the guided trajectory
+    return Trajectories(torch.cat(xs), torch.cat(sig), torch.cat(om), torch.cat(idx), torch.cat(targets), list(prompts))
+
+
+def train_adapters(model: ReferenceModel, adapters: GuidanceAdapters, data: Trajectories, steps: int = 300,
+                   batch: int = 64, lr: float = 2e-3, warmup: int = 20, seed: int = 0,
+                   progress: Callable[[int, int, float], None] | None = None) -> list[float]:
+    """AdamW with warm-up and cosine decay on the distillation loss; the base model stays frozen."""
+    model.requires_grad_(False)
+    adapters.train()
+    optimizer = torch.optim.AdamW(adapters.parameters(), lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    texts = model.encode(data.prompts)
+    losses = []
+    for step in range(steps):
+        rows = torch.randint(0, len(data), (batch,), generator=generator)
+        text = texts.select(data.prompt[rows])
+        prediction = single_pass_noise(model, adapters, data.x[rows].float(), data.sigma[rows], text, data.omega[rows])
+        loss = distillation_loss(prediction, data.target[rows])
+        scale = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+        for group in optimizer.param_groups:
+            group["lr"] = lr * scale
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        if progress is not None:
+            progress(step + 1, steps, losses[-1])
+    adapters.eval()
+    return losses
+
+
+def training_prompts(count: int, seed: int = 0) -> list[str]:
+    from .scenes import random_scene
+
+    rng = random.Random(3_000_000 + seed)
+    return [random_scene(rng, held_out=False).prompt for _ in range(count)]
