@@ -26,14 +26,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from .errors import InvalidInputError
+from .errors import FastGuidanceError, InvalidInputError
+from .tensorfile import load_tensor_file, save_tensor_file
 
 ADAPTER_KINDS = ("cross_attention", "offset")
+FORMAT = "fastguidance.adapters"
+FORMAT_VERSION = 1
 
 
 class FourierFeatures(nn.Module):
@@ -188,3 +192,20 @@ def cfg_target(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, omega: torch.Te
 def distillation_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean squared error of the single-pass prediction to the CFG target (the paper's L2 loss; L1 did worse)."""
     return torch.nn.functional.mse_loss(prediction.float(), target.float())
+
+
+def save_adapters(adapters: GuidanceAdapters, path: str | Path, info: dict[str, Any], overwrite: bool = False) -> Path:
+    """Write adapter weights with their spec and ``info`` (architecture, fingerprint, ω range, training)."""
+    metadata = {"format": FORMAT, "version": FORMAT_VERSION, "method": "agd", **info, "spec": adapters.spec.to_dict(),
+                "parameters": adapters.count_parameters()}
+    return save_tensor_file(path, adapters.state_dict(), metadata, overwrite)
+
+
+def load_adapters(path: str | Path) -> tuple[GuidanceAdapters, dict[str, Any]]:
+    tensors, metadata = load_tensor_file(path, FORMAT, FORMAT_VERSION, "train adapters for this model first")
+    try:
+        adapters = GuidanceAdapters(AdapterSpec(**metadata["spec"]))
+        adapters.load_state_dict(tensors)
+    except (KeyError, TypeError, RuntimeError) as error:
+        raise FastGuidanceError(f"{path} is an adapter file with missing or mismatched parts ({error}): train it again") from None
+    return adapters.eval().requires_grad_(False), metadata

@@ -34,6 +34,7 @@ from .reference.scenes import Scene, random_scene, render
 from .reference.weights import CLASSIFIER_PATH, MODEL_PATH, load_classifier, load_model
 from .report import image_grid, quality_plot
 from .sampling import SAMPLERS, sample
+from .step_predictor import complexity_correlation
 from .schedules import SCHEDULERS, make_sigmas
 
 
@@ -84,32 +85,39 @@ def _scale(variant: BenchVariant, settings: BenchSettings) -> float:
 
 @torch.no_grad()
 def run_variant(context: BenchContext, variant: BenchVariant, cond: TextConditioning, noise: torch.Tensor,
-                report: str = "") -> tuple[torch.Tensor, list[int], float]:
-    """Sample every prompt with one variant: images in [0, 1], evaluations per image, seconds.
+                report: str = "") -> tuple[torch.Tensor, list[int], list[int], float]:
+    """Sample every prompt with one variant: images in [0, 1], evaluations and steps per image, seconds.
 
-    One-time preparation (calibration) happens before the clock starts; its time is in
-    ``context.preparation_seconds``.
+    One-time preparation (calibration, step choice) happens before the clock starts; its time is in
+    ``context.preparation_seconds``. A variant that chooses steps per prompt (AdaDiff) is sampled in
+    groups of equal step count, each image with its own noise, so the result does not depend on
+    the grouping.
     """
-    model, settings, sigmas, uncond = context.model, context.settings, context.sigmas, context.uncond
+    model, settings, uncond = context.model, context.settings, context.uncond
     _progress(f"bench: {report} preparing")
     variant.make_policies(context)
-    images, evaluations, seconds = [], [], 0.0
-    for start in range(0, noise.shape[0], settings.batch):
-        rows = slice(start, start + settings.batch)
-        counting = _CountingModel(model)
-        began = time.perf_counter()
-        result = sample(counting, noise[rows], sigmas, cond.select(rows), uncond,
-                        _scale(variant, settings), settings.sampler, variant.make_policies(context),
-                        percent_to_sigma=model.schedule.percent_to_sigma)
-        seconds += time.perf_counter() - began
-        batch = noise[rows].shape[0]
-        if result.run is not None:
-            evaluations += result.run.evaluations_per_sample()
-        else:
-            evaluations += [counting.evaluations] * batch
-        images.append(to_image(result.latent))
-        _progress(f"bench: {report} {min(start + batch, noise.shape[0])}/{noise.shape[0]} images")
-    return torch.cat(images), evaluations, seconds
+    count = noise.shape[0]
+    steps_of = list(variant.choose_steps(context, cond)) if variant.choose_steps else [settings.steps] * count
+    images = torch.zeros(count, 3, noise.shape[2], noise.shape[3])
+    evaluations, seconds, done = [0] * count, 0.0, 0
+    for steps in sorted(set(steps_of)):
+        sigmas = context.sigmas_for(steps)
+        group = [index for index, chosen in enumerate(steps_of) if chosen == steps]
+        for start in range(0, len(group), settings.batch):
+            rows = torch.tensor(group[start:start + settings.batch])
+            counting = _CountingModel(variant.single_pass(context) if variant.single_pass else model)
+            began = time.perf_counter()
+            result = sample(counting, noise[rows], sigmas, cond.select(rows), uncond,
+                            _scale(variant, settings), settings.sampler, variant.make_policies(context),
+                            percent_to_sigma=model.schedule.percent_to_sigma)
+            seconds += time.perf_counter() - began
+            spent = result.run.evaluations_per_sample() if result.run is not None else [counting.evaluations] * len(rows)
+            for row, value in zip(rows.tolist(), spent):
+                evaluations[row] = value
+            images[rows] = to_image(result.latent)
+            done += len(rows)
+            _progress(f"bench: {report} {done}/{count} images")
+    return images, evaluations, steps_of, seconds
 
 
 def run_bench(settings: BenchSettings, out: Path, model: ReferenceModel | None = None,
@@ -129,25 +137,25 @@ def run_bench(settings: BenchSettings, out: Path, model: ReferenceModel | None =
         real_features = classifier.embed(real)
 
     context = BenchContext(model, settings, sigmas, uncond)
-    outputs: dict[str, tuple[BenchVariant, torch.Tensor, list[int], float]] = {}
+    outputs: dict[str, tuple[BenchVariant, torch.Tensor, list[int], list[int], float]] = {}
     for index, variant in enumerate(variants):
         outputs[variant.label] = (variant, *run_variant(context, variant, cond, noise,
                                                          f"[{index + 1}/{len(variants)}] {variant.label}"))
     sys.stderr.write("\n")
 
-    _, cfg_images, _, cfg_seconds = outputs["cfg"]
+    _, cfg_images, _, _, cfg_seconds = outputs["cfg"]
     trained = slice(0, settings.samples - settings.held_out)
     held = slice(settings.samples - settings.held_out, settings.samples)
     rows = []
     with torch.no_grad():
-        for label, (variant, images, evaluations, seconds) in outputs.items():
+        for label, (variant, images, evaluations, steps_used, seconds) in outputs.items():
             scores = adherence(classifier, images, scenes)
             rows.append({
                 "method": variant.method,
                 "label": label,
                 "settings": variant.settings,
                 "model_evals": sum(evaluations) / len(evaluations),
-                "steps": settings.steps,
+                "steps": sum(steps_used) / len(steps_used),
                 "scale": _scale(variant, settings),
                 "seconds": seconds,
                 "speedup_vs_cfg": cfg_seconds / seconds,
@@ -157,6 +165,9 @@ def run_bench(settings: BenchSettings, out: Path, model: ReferenceModel | None =
                 "adherence_trained": float(scores[trained].mean()),
                 "adherence_held_out": float(scores[held].mean()) if settings.held_out else None,
                 "frechet": frechet_distance(classifier.embed(images), real_features),
+                # AdaDiff's claim: more complex prompts (more named attributes) get more steps
+                "steps_complexity_correlation": (complexity_correlation([scene.complexity for scene in scenes],
+                                                                        steps_used) if variant.choose_steps else None),
             })
     result = {"settings": {**settings.to_dict(), "model": model.metadata.get("format") if hasattr(model, "metadata") else None,
                            "model_parameters": model.count_parameters(), "threads": torch.get_num_threads(),
@@ -165,7 +176,7 @@ def run_bench(settings: BenchSettings, out: Path, model: ReferenceModel | None =
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "bench.json", json.dumps(result, indent=2))
     shown = slice(0, min(10, len(scenes)))
-    image_grid([("real render", real[shown])] + [(label, images[shown]) for label, (_, images, _, _) in outputs.items()],
+    image_grid([("real render", real[shown])] + [(label, images[shown]) for label, (_, images, *_) in outputs.items()],
                out / "grid.png", title="FastGuidance bench: same seeds, first prompts")
     quality_plot([{"label": row["label"], "x": row["model_evals"], "y": row["adherence"]} for row in rows],
                  out / "plot.png", "model evaluations per image", "adherence (share of named attributes)",
@@ -175,12 +186,13 @@ def run_bench(settings: BenchSettings, out: Path, model: ReferenceModel | None =
 
 def format_table(result: dict[str, Any]) -> str:
     """The rows as a fixed-width text table (also used for the README)."""
-    header = ("method", "evals/img", "seconds", "speedup", "SSIM→cfg", "PSNR→cfg", "adherence", "held-out", "Fréchet")
+    header = ("method", "evals/img", "steps", "seconds", "speedup", "SSIM→cfg", "PSNR→cfg", "adherence", "held-out",
+              "Fréchet")
     lines = [" | ".join(header), " | ".join("---" for _ in header)]
     for row in result["rows"]:
         psnr_text = "inf" if math.isinf(row["psnr_to_cfg"]) else f"{row['psnr_to_cfg']:.1f}"
         held = "" if row["adherence_held_out"] is None else f"{row['adherence_held_out']:.3f}"
-        lines.append(" | ".join([row["label"], f"{row['model_evals']:.1f}", f"{row['seconds']:.1f}",
+        lines.append(" | ".join([row["label"], f"{row['model_evals']:.1f}", f"{row['steps']:.1f}", f"{row['seconds']:.1f}",
                                  f"{row['speedup_vs_cfg']:.2f}x", f"{row['ssim_to_cfg']:.3f}", psnr_text,
                                  f"{row['adherence']:.3f}", held, f"{row['frechet']:.2f}"]))
     return "\n".join(lines)

@@ -21,6 +21,8 @@ from .policies.linear_ag import LinearAG, LinearAGCalibration, LinearAGCoefficie
 from .reference.model import ReferenceModel, TextConditioning
 from .reference.scenes import random_scene
 from .sampling import sample
+from .step_predictor import conditioning_features, load_step_predictor
+from .schedules import make_sigmas
 
 
 @dataclass
@@ -39,11 +41,19 @@ class BenchContext:
     preparation_seconds: dict[str, float] = field(default_factory=dict)
     _prepared: dict[str, Any] = field(default_factory=dict)
 
-    def prepared(self, key: str, make: Callable[[], Any]) -> Any:
+    def sigmas_for(self, steps: int) -> torch.Tensor:
+        """The benchmark's schedule at another step count (AdaDiff chooses it per prompt)."""
+        if steps == len(self.sigmas) - 1:
+            return self.sigmas
+        return make_sigmas(self.model.schedule, self.settings.scheduler, steps)
+
+    def prepared(self, key: str, make: Callable[[], Any], is_cost: bool = True) -> Any:
+        """``make()`` once per benchmark; its wall time is reported when ``is_cost`` (not for loading a file)."""
         if key not in self._prepared:
             began = time.perf_counter()
             self._prepared[key] = make()
-            self.preparation_seconds[key] = time.perf_counter() - began
+            if is_cost:
+                self.preparation_seconds[key] = time.perf_counter() - began
         return self._prepared[key]
 
 
@@ -58,6 +68,10 @@ class BenchVariant:
     method: str  # none, cfg, ag, compg, linear_ag, agd, adadiff, or parts joined by "+"
     settings: dict = field(default_factory=dict)
     make_policies: Callable[[BenchContext], Sequence[GuidancePolicy]] = _no_policies
+    #: per-prompt step counts (AdaDiff); None: the benchmark's --steps for every prompt
+    choose_steps: Callable[[BenchContext, TextConditioning], Sequence[int]] | None = None
+    #: a single-pass guided model to sample with instead of the reference model (AGD); use with guided=False
+    single_pass: Callable[[BenchContext], Any] | None = None
     guided: bool = True  # False: no guidance at all (cfg scale 1, one evaluation per step)
     scale: float | None = None  # CFG scale of this row; None: the benchmark's --scale
 
@@ -146,12 +160,57 @@ def linear_ag_variants() -> list[BenchVariant]:
     ]
 
 
+def predicted_steps(context: BenchContext, cond: TextConditioning) -> list[int]:
+    """AdaDiff's step count per prompt, from the shipped predictor of the reference model."""
+    def load():
+        from .reference.weights import STEP_PREDICTOR_PATH
+        return load_step_predictor(STEP_PREDICTOR_PATH)[0]
+
+    predictor = context.prepared("adadiff predictor", load, is_cost=False)
+    return predictor.choose(conditioning_features(cond.tokens, cond.pooled, cond.mask))
+
+
+def adadiff_variants() -> list[BenchVariant]:
+    """AdaDiff alone (steps per prompt, up to the benchmark's 20) and combined with AG and CompG.
+
+    The predictor was trained for the default schedule (20 steps max, dpmpp_2m / karras, cfg 5).
+    """
+    return [
+        BenchVariant("adadiff", {}, choose_steps=predicted_steps),
+        BenchVariant("adadiff+ag", {"threshold": 0.991},
+                     lambda _: [AdaptiveGuidance(threshold=0.991)], choose_steps=predicted_steps),
+        BenchVariant("adadiff+compg", {"rate": 5.0, "k": 1.0},
+                     lambda _: [CompressGuidance(5.0, skew=1.0)], choose_steps=predicted_steps),
+        BenchVariant("adadiff+compg", {"rate": 2.0, "k": 1.0},
+                     lambda _: [CompressGuidance(2.0, skew=1.0)], choose_steps=predicted_steps),
+    ]
+
+
+def adapted_model(context: BenchContext) -> Any:
+    """The reference model with the shipped AGD adapters, CFG at the benchmark's scale built in."""
+    def load():
+        from .adapters import load_adapters
+        from .reference.adapters import SinglePassModel
+        from .reference.weights import ADAPTERS_PATH
+        return SinglePassModel(context.model, load_adapters(ADAPTERS_PATH)[0], context.settings.scale)
+
+    return context.prepared("agd adapters", load, is_cost=False)
+
+
+def agd_variants() -> list[BenchVariant]:
+    """AGD: one adapted pass per step (ω = the benchmark's scale), alone and with AdaDiff's steps."""
+    return [BenchVariant("agd", {}, guided=False, single_pass=adapted_model),
+            BenchVariant("adadiff+agd", {}, guided=False, single_pass=adapted_model, choose_steps=predicted_steps)]
+
+
 #: every method's variants, in table order; later methods add their factory here
 VARIANT_FACTORIES: tuple[Callable[[], list[BenchVariant]], ...] = (
     baseline_variants,
     adaptive_guidance_variants,
     compress_guidance_variants,
     linear_ag_variants,
+    adadiff_variants,
+    agd_variants,
 )
 
 

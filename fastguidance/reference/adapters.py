@@ -114,3 +114,43 @@ def training_prompts(count: int, seed: int = 0) -> list[str]:
 
     rng = random.Random(3_000_000 + seed)
     return [random_scene(rng, held_out=False).prompt for _ in range(count)]
+
+
+def train_reference_adapters(model: ReferenceModel, prompts: int = 128, trajectory_steps: int = 20,
+                             train_steps: int = 600, batch: int = 64, omega_range: tuple[float, float] = (1.0, 8.0),
+                             kind: str = "cross_attention", hidden: int = 32, seed: int = 0,
+                             progress: Callable[[int, int, float], None] | None = None) -> tuple[GuidanceAdapters, dict]:
+    """Collect CFG-guided trajectories of training prompts and distil them into adapters."""
+    import time
+
+    from ..fingerprint import weights_fingerprint
+
+    began = time.perf_counter()
+    torch.manual_seed(seed)
+    data = collect_trajectories(model, training_prompts(prompts, seed), omega_range, trajectory_steps, seed=seed)
+    collected = time.perf_counter() - began
+    adapters = GuidanceAdapters(adapter_spec(model, kind, hidden))
+    losses = train_adapters(model, adapters, data, train_steps, batch, seed=seed, progress=progress)
+    info = {"architecture": "fastguidance.reference_model", "model_fingerprint": weights_fingerprint(model.state_dict().items()),
+            "omega_range": list(omega_range), "prompts": prompts, "trajectory_steps": trajectory_steps,
+            "trajectory_samples": len(data), "trajectory_bytes": data.size_bytes(), "train_steps": train_steps,
+            "batch": batch, "seed": seed, "collect_seconds": collected, "seconds": time.perf_counter() - began,
+            "final_loss": sum(losses[-50:]) / len(losses[-50:]),
+            "loss_every_50": [sum(losses[i:i + 50]) / len(losses[i:i + 50]) for i in range(0, len(losses), 50)],
+            "base_parameters": sum(p.numel() for p in model.unet.parameters())}
+    return adapters, info
+
+
+class SinglePassModel:
+    """The adapted reference model as a conditional model: one pass per conditioning, CFG at ``omega`` built in."""
+
+    def __init__(self, model: ReferenceModel, adapters: GuidanceAdapters, omega: float):
+        self.model, self.adapters, self.omega = model, adapters, omega
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, conds: Sequence[TextConditioning]) -> list[torch.Tensor]:
+        outputs = []
+        for cond in conds:
+            text = cond.expand(x.shape[0])
+            eps = single_pass_noise(self.model, self.adapters, x, sigma, text, torch.full_like(sigma, self.omega))
+            outputs.append(x - sigma.reshape(-1, 1, 1, 1) * eps)
+        return outputs

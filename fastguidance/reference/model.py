@@ -78,7 +78,7 @@ class TextConditioning:
         return TextConditioning(torch.cat([i.tokens for i in items]), torch.cat([i.pooled for i in items]),
                                 torch.cat([i.mask for i in items]))
 
-    def select(self, rows: slice) -> "TextConditioning":
+    def select(self, rows: slice | torch.Tensor) -> "TextConditioning":
         """The prompts of some rows of the batch."""
         return TextConditioning(self.tokens[rows], self.pooled[rows], self.mask[rows])
 

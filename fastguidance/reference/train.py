@@ -1,7 +1,9 @@
 """Training of the reference model and of the adherence classifier, reproducible from a seed.
 
     python -m fastguidance.reference.train classifier   # a few minutes on 2 CPU cores
-    python -m fastguidance.reference.train model        # about half an hour on 2 CPU cores
+    python -m fastguidance.reference.train model        # about an hour on 2 CPU cores
+    python -m fastguidance.reference.train step_predictor   # AdaDiff's predictor for the model, minutes
+    python -m fastguidance.reference.train adapters         # AGD adapters for the model, minutes
 
 Data is drawn fresh at every step from the scene generator (training combinations only; the
 held-out colour–shape pairs are never seen by the diffusion model). Files are written atomically,
@@ -22,9 +24,14 @@ from pathlib import Path
 import torch
 
 from .classifier import SceneClassifier, attribute_accuracy, classifier_loss, label_tensors
-from .model import ModelConfig, ReferenceModel, from_image
-from .scenes import make_batch
-from .weights import CLASSIFIER_PATH, MODEL_PATH, save_classifier, save_model
+from .model import ModelConfig, ReferenceModel, from_image, to_image
+from ..fingerprint import weights_fingerprint
+from ..metrics import ssim
+from ..sampling import sample
+from ..schedules import make_sigmas
+from ..step_predictor import StepPredictor, conditioning_features, save_step_predictor, train_step_policy
+from .scenes import make_batch, random_scene
+from .weights import ADAPTERS_PATH, CLASSIFIER_PATH, MODEL_PATH, STEP_PREDICTOR_PATH, load_model, save_classifier, save_model
 
 log = logging.getLogger("fastguidance")
 
@@ -70,7 +77,7 @@ def train_classifier(steps: int = 1200, batch: int = 96, seed: int = 0, lr: floa
     return classifier, info
 
 
-def train_model(steps: int = 2500, batch: int = 64, seed: int = 0, lr: float = 1.5e-3, drop_rate: float = 0.15,
+def train_model(steps: int = 4000, batch: int = 64, seed: int = 0, lr: float = 1.5e-3, drop_rate: float = 0.15,
                 ema_decay: float = 0.998, config: ModelConfig | None = None,
                 progress: bool = False) -> tuple[ReferenceModel, dict]:
     """Train the diffusion model: epsilon prediction, uniform timesteps, prompts replaced by the
@@ -117,20 +124,111 @@ def train_model(steps: int = 2500, batch: int = 64, seed: int = 0, lr: float = 1
     return ema, info
 
 
+#: AdaDiff on the reference model: the options end at the benchmark's default 20 steps, the "fixed maximum"
+REFERENCE_STEP_OPTIONS = (5, 10, 15, 20)
+
+
+def reference_prompt_features(model: ReferenceModel, prompts: list[str]) -> torch.Tensor:
+    """AdaDiff's features of the reference model's conditioning (mean of real tokens + pooled)."""
+    text = model.encode(prompts)
+    return conditioning_features(text.tokens, text.pooled, text.mask)
+
+
+@torch.no_grad()
+def _render_prompts(model: ReferenceModel, prompts: list[str], noise: torch.Tensor, steps: int, scale: float,
+                    sampler: str, scheduler: str, batch: int = 32) -> torch.Tensor:
+    sigmas = make_sigmas(model.schedule, scheduler, steps)
+    uncond = model.encode([""])
+    images = []
+    for start in range(0, len(prompts), batch):
+        rows = slice(start, start + batch)
+        latent = sample(model, noise[rows], sigmas, model.encode(prompts[rows]), uncond, scale, sampler).latent
+        images.append(to_image(latent))
+    return torch.cat(images)
+
+
+def train_reference_step_predictor(model: ReferenceModel, options=REFERENCE_STEP_OPTIONS, prompts: int = 256,
+                                   iterations: int = 120, batch: int = 32, cost_weight: float = 0.3, scale: float = 5.0,
+                                   sampler: str = "dpmpp_2m", scheduler: str = "karras", seed: int = 0,
+                                   progress: bool = False) -> tuple[StepPredictor, dict]:
+    """AdaDiff on the reference model: quality = SSIM to the max-steps image of the same prompt and noise."""
+    start = time.perf_counter()
+    rng = random.Random(2_000_000 + seed)
+    pool = [random_scene(rng, held_out=False).prompt for _ in range(prompts)]
+    noise = torch.randn(prompts, 3, 32, 32, generator=torch.Generator().manual_seed(2_000_000 + seed))
+    with torch.no_grad():
+        features = reference_prompt_features(model, pool)
+    max_steps = max(options)
+    reference = _render_prompts(model, pool, noise, max_steps, scale, sampler, scheduler)
+
+    def quality_of(rows: torch.Tensor, steps: list[int]) -> torch.Tensor:
+        quality = torch.zeros(len(rows))
+        for chosen in sorted(set(steps)):
+            where = [i for i, s in enumerate(steps) if s == chosen]
+            picked = rows[where]
+            images = reference[picked] if chosen == max_steps else _render_prompts(
+                model, [pool[i] for i in picked.tolist()], noise[picked], chosen, scale, sampler, scheduler)
+            quality[where] = ssim(images, reference[picked]).float()
+        return quality
+
+    def report(iteration: int, total: int, reward: float) -> None:
+        if progress and (iteration % 10 == 0 or iteration == total):
+            log.info("step predictor iteration %d/%d mean reward %.4f (%.0f s)", iteration, total, reward,
+                     time.perf_counter() - start)
+
+    predictor = StepPredictor(features.shape[1], options)
+    training = train_step_policy(predictor, features, quality_of, iterations, batch, cost_weight, seed,
+                                 progress=report)
+    info = {"options": list(options), "cost_weight": cost_weight, "sampler": sampler, "scheduler": scheduler,
+            "cfg": scale, "prompts": prompts, "iterations": iterations, "batch": batch, "seed": seed,
+            "quality": "SSIM to the max-steps image (kornia)", "seconds": time.perf_counter() - start,
+            "reward_curve": training.reward, "steps_curve": training.steps,
+            "model_fingerprint": weights_fingerprint(model.state_dict().items())}
+    return predictor.eval(), info
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m fastguidance.reference.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("classifier", "model"))
-    parser.add_argument("--steps", type=int, help="training steps (default: 1200 classifier, 2500 model)")
+    parser.add_argument("what", choices=("classifier", "model", "step_predictor", "adapters"))
+    parser.add_argument("--steps", type=int, help="training steps (default: 1200 classifier, 4000 model, 120 step_predictor, 600 adapters)")
     parser.add_argument("--batch", type=int)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--width", type=int, default=ModelConfig.width, help="model channels at 32×32")
+    parser.add_argument("--cost-weight", type=float, default=0.1, help="step_predictor: λ of the reward (default 0.1)")
     parser.add_argument("--out", type=Path, help="output file (default: the shipped weights)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing file")
     options = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    if options.what == "classifier":
+    if options.what == "adapters":
+        from ..adapters import save_adapters
+        from .adapters import train_reference_adapters
+
+        out = options.out or ADAPTERS_PATH
+        _refuse_overwrite(out, options.overwrite)
+        began = time.perf_counter()
+
+        def report(step: int, total: int, loss: float) -> None:
+            if step % 50 == 0 or step == total:
+                log.info("adapters step %d/%d loss %.5f (%.0f s)", step, total, loss, time.perf_counter() - began)
+
+        adapters, info = train_reference_adapters(load_model(MODEL_PATH), train_steps=options.steps or 600,
+                                                  batch=options.batch or 64, seed=options.seed, progress=report)
+        save_adapters(adapters, out, info, overwrite=options.overwrite)
+        log.info("adapters: %d parameters (%.1f%% of the UNet), final loss %.5f in %.0f s -> %s",
+                 adapters.count_parameters(), 100 * adapters.count_parameters() / info["base_parameters"],
+                 info["final_loss"], info["seconds"], out)
+    elif options.what == "step_predictor":
+        out = options.out or STEP_PREDICTOR_PATH
+        _refuse_overwrite(out, options.overwrite)
+        predictor, info = train_reference_step_predictor(load_model(MODEL_PATH), iterations=options.steps or 120,
+                                                         batch=options.batch or 32, cost_weight=options.cost_weight,
+                                                         seed=options.seed, progress=True)
+        save_step_predictor(predictor, out, info, overwrite=options.overwrite)
+        log.info("step predictor: final mean reward %.4f in %.0f s -> %s", sum(info["reward_curve"][-10:]) / 10,
+                 info["seconds"], out)
+    elif options.what == "classifier":
         out = options.out or CLASSIFIER_PATH
         _refuse_overwrite(out, options.overwrite)
         classifier, info = train_classifier(options.steps or 1200, options.batch or 96, options.seed, progress=True)
@@ -139,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         out = options.out or MODEL_PATH
         _refuse_overwrite(out, options.overwrite)
-        model, info = train_model(options.steps or 2500, options.batch or 64, options.seed,
+        model, info = train_model(options.steps or 4000, options.batch or 64, options.seed,
                                   config=ModelConfig(width=options.width), progress=True)
         save_model(model, info, out, overwrite=options.overwrite)
         log.info("model: final loss %.4f in %.0f s -> %s", info["final_loss"], info["seconds"], out)

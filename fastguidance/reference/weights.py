@@ -13,6 +13,8 @@ from .model import ModelConfig, ReferenceModel
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 MODEL_PATH = WEIGHTS_DIR / "reference_model.safetensors"
 CLASSIFIER_PATH = WEIGHTS_DIR / "adherence_classifier.safetensors"
+STEP_PREDICTOR_PATH = WEIGHTS_DIR / "step_predictor.safetensors"
+ADAPTERS_PATH = WEIGHTS_DIR / "guidance_adapters.safetensors"
 MODEL_FORMAT = "fastguidance.reference_model"
 CLASSIFIER_FORMAT = "fastguidance.adherence_classifier"
 FORMAT_VERSION = 1
