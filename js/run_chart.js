@@ -4,7 +4,7 @@
 // Data shaping is in run_chart_data.js (unit-tested); this file only listens and draws.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
-import { ACTION_COLORS, ACTION_LABELS, callX, cosineRange, shapeRun, valueY } from "./run_chart_data.js";
+import { ACTION_COLORS, ACTION_LABELS, callX, cosineRange, runBelongsTo, shapeRun, valueY } from "./run_chart_data.js";
 
 const RUN_EVENT = "fastguidance.run";
 const PREFIX = "FastGuidance_";
@@ -25,6 +25,7 @@ function isOurs(node) {
 function onRun({ detail }) {
   const node = findNode(detail?.node);
   if (!isOurs(node)) return; // never touch other packs' nodes
+  if (!runBelongsTo(detail, node.comfyClass || node.type)) return;
   const chart = shapeRun(detail);
   if (!chart) return;
   node.fastguidanceChart = chart;

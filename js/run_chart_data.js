@@ -22,6 +22,25 @@ export const ACTION_LABELS = Object.freeze({
   adapter: "single pass",
 });
 
+/** The method each FastGuidance node adds to the engine (the run message lists them in `policies`). */
+export const NODE_METHODS = Object.freeze({
+  FastGuidance_AdaptiveGuidance: "ag",
+  FastGuidance_AdaptiveGuider: "ag",
+  FastGuidance_CompressGuidance: "compg",
+  FastGuidance_CompressGuider: "compg",
+  FastGuidance_LinearAG: "linear_ag",
+});
+
+/**
+ * Whether a run message belongs on a node of this type. ComfyUI 0.3.64 leaves the node id out of
+ * the cache key of V3 nodes, so a patch cached from another workflow can report under an id that,
+ * here, is a different node: draw only where the node's own method took part in the run.
+ */
+export function runBelongsTo(detail, nodeType) {
+  const method = NODE_METHODS[nodeType];
+  return Boolean(method) && (detail?.policies || []).some((policy) => policy?.method === method);
+}
+
 /** Most samples drawn as separate strip rows; larger batches draw the first ones. */
 export const MAX_STRIP_ROWS = 4;
 

@@ -177,6 +177,10 @@ for (const name of names) {
   }
   entry.pageErrors = errors.slice(errorsBefore);
   workflows.push(entry);
+  // a fresh cache for the next workflow: identical nodes would otherwise be served from this run's
+  // cache (ComfyUI 0.3.64 leaves V3 node ids out of the cache key), and a cached run draws nothing
+  await page.evaluate(() => fetch("/free", { method: "POST", body: JSON.stringify({ free_memory: true }) }));
+  await page.waitForTimeout(1000);
 }
 
 // A reload must not raise errors (the chart data lives only in the page).

@@ -392,3 +392,4 @@ def test_every_example_workflow_runs_when_posted_in_api_format(server, object_in
             prompt = to_api_prompt(json.loads(path.read_text(encoding="utf-8")), object_info)
             _, entry = server.run_prompt(prompt)
             assert entry["status"]["completed"], f"{path.name}: {entry['status']}"
+            assert server.request("/free", {"free_memory": True}).status == 200  # no results cached across workflows

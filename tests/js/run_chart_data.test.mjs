@@ -3,7 +3,8 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 
 import {
-  ACTION_COLORS, MAX_STRIP_ROWS, agThreshold, callX, cosineRange, meanOf, shapeRun, summaryLine, valueY,
+  ACTION_COLORS, MAX_STRIP_ROWS, NODE_METHODS, agThreshold, callX, cosineRange, meanOf, runBelongsTo, shapeRun,
+  summaryLine, valueY,
 } from "../../js/run_chart_data.js";
 
 const run = {
@@ -79,4 +80,13 @@ test("geometry: calls centred in their cells, values mapped top-down", () => {
 
 test("every action of the engine has a colour", () => {
   for (const action of ["full", "reuse", "estimate", "cond_only", "adapter"]) assert.ok(ACTION_COLORS[action]);
+});
+
+test("a run is drawn only on a node whose method took part", () => {
+  assert.equal(runBelongsTo(run, "FastGuidance_AdaptiveGuidance"), true);
+  assert.equal(runBelongsTo(run, "FastGuidance_CompressGuider"), true);
+  assert.equal(runBelongsTo(run, "FastGuidance_LinearAG"), false);
+  assert.equal(runBelongsTo(run, "FastGuidance_CompareImages"), false);
+  assert.equal(runBelongsTo({}, "FastGuidance_AdaptiveGuidance"), false);
+  assert.deepEqual(new Set(Object.values(NODE_METHODS)), new Set(["ag", "compg", "linear_ag"]));
 });
