@@ -63,6 +63,9 @@ class StepPredictorNode(io.ComfyNode):
                                                 "warn when the predictor was trained on another model."),
                 io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="karras",
                                tooltip="Scheduler of the sigmas output (use your sampler's)."),
+                io.Boolean.Input("allow_other_model", default=False,
+                                 tooltip="Use a predictor trained on another model of the same family (with a "
+                                         "warning). Off: such a predictor is refused."),
             ],
             outputs=[
                 io.Int.Output("steps", display_name="steps",
@@ -73,16 +76,19 @@ class StepPredictorNode(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, positive, predictor: str, model, scheduler: str) -> io.NodeOutput:
+    def execute(cls, positive, predictor: str, model, scheduler: str, allow_other_model: bool = False) -> io.NodeOutput:
         path = model_folders.full_path(model_folders.STEP_PREDICTORS, predictor)
         if path is None:
             raise InvalidInputError("predictor", predictor, "pick a file from models/fastguidance_step_predictors/ "
                                                             "(train one with Train Step Predictor)")
         network, metadata = load_step_predictor(path)
-        made_for = metadata.get("model_fingerprint")
-        if made_for and made_for != model_fingerprint(model):
-            log.warning("FastGuidance: %s was trained on another model (%s); its step choices may not fit this one",
-                        predictor, metadata.get("architecture", "?"))
+        made_for, this_model = metadata.get("model_fingerprint"), model_fingerprint(model)
+        if made_for and made_for != this_model:
+            where = f"another model ({metadata.get('architecture', '?')}, fingerprint {made_for}; this one is {this_model})"
+            if not allow_other_model:
+                raise InvalidInputError("predictor", predictor, f"it was trained on {where}: train one for this model "
+                                                                "with Train Step Predictor, or turn on allow_other_model")
+            log.warning("FastGuidance: %s was trained on %s; its step choices may not fit this one", predictor, where)
         choices = network.choose(features_of(positive))
         steps = max(choices)
         sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()

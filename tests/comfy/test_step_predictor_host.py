@@ -108,3 +108,15 @@ def test_trainer_validates_its_text_inputs(host):
     assert "filename" in node.validate_inputs(filename="../x")
     assert "prompts" in node.validate_inputs(prompts="  \n ")
     assert node.validate_inputs(step_options="10, 20", filename="ok", prompts="a cat") is True
+
+
+def test_a_predictor_of_another_model_is_refused_unless_allowed(host, tiny_model, predictor_folder):
+    module = core(host, "step_predictor")
+    predictor = module.StepPredictor(64, (10, 20), hidden=8)
+    module.save_step_predictor(predictor, predictor_folder / "other.safetensors",
+                               {"model_fingerprint": "0123456789abcdef", "architecture": "SDXL"})
+    positive, _ = make_conds()
+    node = host.node("FastGuidance_StepPredictor")
+    with pytest.raises(Exception, match="trained on another model \\(SDXL.*allow_other_model"):
+        node.execute(positive, "other.safetensors", tiny_model, "karras", False)
+    assert node.execute(positive, "other.safetensors", tiny_model, "karras", True)[0] in (10, 20)
