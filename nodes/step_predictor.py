@@ -63,7 +63,7 @@ class StepPredictorNode(io.ComfyNode):
                                                 "warn when the predictor was trained on another model."),
                 io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="karras",
                                tooltip="Scheduler of the sigmas output (use your sampler's)."),
-                io.Boolean.Input("allow_other_model", default=False,
+                io.Boolean.Input("allow_other_model", default=False, optional=True,
                                  tooltip="Use a predictor trained on another model of the same family (with a "
                                          "warning). Off: such a predictor is refused."),
             ],
