@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .errors import FastGuidanceError, InvalidInputError
+from .metrics import ssim
 from .tensorfile import load_tensor_file, save_tensor_file
 
 FORMAT = "fastguidance.step_predictor"
@@ -67,8 +68,6 @@ def latent_fidelity(candidate: torch.Tensor, reference: torch.Tensor) -> torch.T
     The default quality when no VAE is given (module docstring). 5-D video latents
     ``[B, C, T, H, W]`` are compared with their frames as channels.
     """
-    from .metrics import ssim
-
     if candidate.shape != reference.shape:
         raise InvalidInputError("latent", tuple(candidate.shape), f"expected the reference's shape {tuple(reference.shape)}")
     flat_c = candidate.float().reshape(candidate.shape[0], -1, *candidate.shape[-2:])

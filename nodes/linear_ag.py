@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 
 import comfy.model_management
@@ -98,11 +99,7 @@ class LinearAGCalibrateNode(io.ComfyNode):
     def execute(cls, model, positive, negative, latent_image, seed: int, runs: int, sampler_name: str,
                 scheduler: str, steps: int, cfg: float, window: int, regularization: float, filename: str,
                 overwrite: bool) -> io.NodeOutput:
-        name = model_folders.file_name(filename)
-        path = model_folders.output_path(model_folders.LINEAR_AG, name)
-        if not overwrite and model_folders.full_path(model_folders.LINEAR_AG, name) is not None:
-            raise InvalidInputError("filename", filename, f"{name} already exists in models/fastguidance_linear_ag: "
-                                                          "choose another name or turn on overwrite")
+        path = model_folders.new_file(model_folders.LINEAR_AG, filename, overwrite)
         latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
         validate_linear_ag_calibration(window, regularization, runs * latent.shape[0])
         calibration = LinearAGCalibration(window)
@@ -114,7 +111,7 @@ class LinearAGCalibrateNode(io.ComfyNode):
             noise = comfy.sample.prepare_noise(latent, seed + run)
             comfy.sample.sample(recording, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
                                 callback=lambda *_: progress.update(1), disable_pbar=True, seed=seed + run)
-        info = {"name": name, "sampler": sampler_name, "scheduler": scheduler, "cfg": cfg,
+        info = {"name": os.path.basename(path), "sampler": sampler_name, "scheduler": scheduler, "cfg": cfg,
                 "architecture": model_architecture(model), "model_fingerprint": model_fingerprint(model),
                 "latent_shape": list(latent.shape[1:]), "seconds": time.perf_counter() - began}
         try:
@@ -174,10 +171,8 @@ class LinearAGNode(io.ComfyNode):
     @classmethod
     def execute(cls, model, coefficients: str, mode: str, after_step: int, error_bound: float,
                 interpolate_sigmas: bool) -> io.NodeOutput:
-        path = model_folders.full_path(model_folders.LINEAR_AG, coefficients)
-        if path is None:
-            raise InvalidInputError("coefficients", coefficients, "pick a file from models/fastguidance_linear_ag/ "
-                                                                  "(make one with LinearAG Calibrate)")
+        path = model_folders.existing_file(model_folders.LINEAR_AG, coefficients, "coefficients",
+                                           "make one with LinearAG Calibrate")
         table = LinearAGCoefficients.load(path)
         made_for = table.info.get("model_fingerprint")
         if made_for and made_for != model_fingerprint(model):

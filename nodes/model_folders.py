@@ -46,12 +46,23 @@ def files(name: str) -> list[str]:
     return folder_paths.get_filename_list(name)
 
 
-def full_path(name: str, filename: str) -> str | None:
+def existing_file(name: str, filename: str, input_name: str, made_by: str) -> str:
+    """The full path of a file a loader input names, or an error naming the input and the node that makes it."""
     register(name)
-    return folder_paths.get_full_path(name, filename)
+    path = folder_paths.get_full_path(name, filename)
+    if path is None:
+        raise InvalidInputError(input_name, filename, f"pick a file from models/{name}/ ({made_by})")
+    return path
 
 
-def output_path(name: str, filename: str) -> str:
-    """Where a new file of this folder is written: the first configured folder (models/<name> by default)."""
+def new_file(name: str, filename: str, overwrite: bool) -> str:
+    """Where a trainer or calibration writes ``filename`` (first configured folder of ``name``).
+
+    An existing file of that name, in any configured folder, is refused unless ``overwrite``.
+    """
+    stem = file_name(filename)
     register(name)
-    return os.path.join(folder_paths.get_folder_paths(name)[0], filename)
+    if not overwrite and folder_paths.get_full_path(name, stem) is not None:
+        raise InvalidInputError("filename", filename, f"{stem} already exists in models/{name}: "
+                                                      "choose another name or turn on overwrite")
+    return os.path.join(folder_paths.get_folder_paths(name)[0], stem)

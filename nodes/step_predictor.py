@@ -77,10 +77,8 @@ class StepPredictorNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, positive, predictor: str, model, scheduler: str, allow_other_model: bool = False) -> io.NodeOutput:
-        path = model_folders.full_path(model_folders.STEP_PREDICTORS, predictor)
-        if path is None:
-            raise InvalidInputError("predictor", predictor, "pick a file from models/fastguidance_step_predictors/ "
-                                                            "(train one with Train Step Predictor)")
+        path = model_folders.existing_file(model_folders.STEP_PREDICTORS, predictor, "predictor",
+                                           "train one with Train Step Predictor")
         network, metadata = load_step_predictor(path)
         made_for, this_model = metadata.get("model_fingerprint"), model_fingerprint(model)
         if made_for and made_for != this_model:
@@ -188,11 +186,8 @@ class TrainStepPredictorNode(io.ComfyNode):
         lines = [line.strip() for line in prompts.splitlines() if line.strip()]
         if not lines:
             raise InvalidInputError("prompts", prompts, "write at least one prompt, one per line")
-        name = model_folders.file_name(filename)
-        path = model_folders.output_path(model_folders.STEP_PREDICTORS, name)
-        if not overwrite and model_folders.full_path(model_folders.STEP_PREDICTORS, name) is not None:
-            raise InvalidInputError("filename", filename, f"{name} already exists in models/fastguidance_step_predictors: "
-                                                          "choose another name or turn on overwrite")
+        path = model_folders.new_file(model_folders.STEP_PREDICTORS, filename, overwrite)
+        name = os.path.basename(path)
         began = time.perf_counter()
         conds = [clip.encode_from_tokens_scheduled(clip.tokenize(line)) for line in lines]
         negative_cond = clip.encode_from_tokens_scheduled(clip.tokenize(negative))
