@@ -87,8 +87,11 @@ class OffsetAdapter(nn.Module):
         self.hidden = _xavier(nn.Linear(embed_dim, hidden))
         self.out = _xavier(nn.Linear(hidden, channels), gain=0.1)
 
+    def delta(self, n: torch.Tensor, embedding: torch.Tensor, tokens=None, mask=None) -> torch.Tensor:
+        return self.out(torch.nn.functional.silu(self.hidden(embedding))).unsqueeze(1)
+
     def forward(self, n: torch.Tensor, embedding: torch.Tensor, tokens=None, mask=None) -> torch.Tensor:
-        return n + self.out(torch.nn.functional.silu(self.hidden(embedding))).unsqueeze(1).to(n.dtype)
+        return n + self.delta(n, embedding, tokens, mask).to(n.dtype)
 
 
 class CrossAttentionAdapter(nn.Module):
@@ -105,8 +108,8 @@ class CrossAttentionAdapter(nn.Module):
         self.value = _xavier(nn.Linear(text_dim, hidden))
         self.out = _xavier(nn.Linear(hidden, channels), gain=0.1)
 
-    def forward(self, n: torch.Tensor, embedding: torch.Tensor, tokens: torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+    def delta(self, n: torch.Tensor, embedding: torch.Tensor, tokens: torch.Tensor,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
         batch, length, _ = n.shape
         q = self.query(n.float()) + self.embed(embedding).unsqueeze(1)
         k, v = self.key(tokens.float()), self.value(tokens.float())
@@ -116,7 +119,11 @@ class CrossAttentionAdapter(nn.Module):
 
         attn_mask = None if mask is None else mask.bool()[:, None, None, :]
         attended = torch.nn.functional.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=attn_mask)
-        return n + self.out(attended.transpose(1, 2).reshape(batch, length, -1)).to(n.dtype)
+        return self.out(attended.transpose(1, 2).reshape(batch, length, -1))
+
+    def forward(self, n: torch.Tensor, embedding: torch.Tensor, tokens: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        return n + self.delta(n, embedding, tokens, mask).to(n.dtype)
 
 
 @dataclass(frozen=True)
@@ -157,9 +164,13 @@ class GuidanceAdapters(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def bind(self, omega: torch.Tensor, sigma: torch.Tensor, tokens: torch.Tensor, pooled: torch.Tensor | None = None,
-             mask: torch.Tensor | None = None) -> "BoundAdapters":
-        """The adapters for one model call: the embedding is computed once here, for every attach point."""
-        return BoundAdapters(self, self.conditioner(omega, sigma, pooled), tokens, mask)
+             mask: torch.Tensor | None = None, row_scale: torch.Tensor | None = None) -> "BoundAdapters":
+        """The adapters for one model call: the embedding is computed once here, for every attach point.
+
+        ``row_scale`` (``[B]``, optional) multiplies each sample's adapter output: the host's strength
+        on the conditional rows and 0 on rows that must stay the plain model (an uncond in the batch).
+        """
+        return BoundAdapters(self, self.conditioner(omega, sigma, pooled), tokens, mask, row_scale)
 
 
 @dataclass
@@ -170,13 +181,23 @@ class BoundAdapters:
     embedding: torch.Tensor
     tokens: torch.Tensor
     mask: torch.Tensor | None
+    row_scale: torch.Tensor | None = None
 
     def __call__(self, name: str, n: torch.Tensor) -> torch.Tensor:
         key = _module_key(name)
         if key not in self.adapters.adapters:
             raise KeyError(f"no adapter for attach point {name!r}; these adapters were made for "
                            f"{sorted(self.adapters.spec.attach_points)}")
-        return self.adapters.adapters[key](n, self.embedding, self.tokens, self.mask)
+        delta = self.adapters.adapters[key].delta(n, self.embedding, self.tokens, self.mask)
+        if self.row_scale is not None:
+            delta = delta * self.row_scale.reshape(-1, *([1] * (delta.dim() - 1))).to(delta)
+        return n + delta.to(n.dtype)
+
+
+def prompt_vector(tokens: torch.Tensor, pooled: torch.Tensor | None) -> torch.Tensor:
+    """What the conditioner reads of the prompt: the model's pooled vector, or the token mean where it has none
+    (SD1.x passes only tokens)."""
+    return pooled if pooled is not None else tokens.float().mean(dim=1)
 
 
 def _module_key(name: str) -> str:

@@ -18,7 +18,9 @@ Actions (DESIGN.md §2):
   Reusing the denoised-space ``g_j`` unscaled would over-guide later steps by ``σ_j/σ`` (measured on
   the reference model: adherence 46% instead of 63% at 4 guided steps of 20);
 - ``ESTIMATE``: ``û`` comes from the policy that proposed it (LinearAG's regression);
-- ``COND_ONLY``: ``û = c``, so CFG yields ``c`` (Adaptive Guidance after its cutoff).
+- ``COND_ONLY``: ``û = c``, so CFG yields ``c`` (Adaptive Guidance after its cutoff);
+- ``ADAPTER``: the cond evaluation is itself guided (AGD adapters active on it), ``û = c``, so CFG
+  yields the adapted prediction: one evaluation per call (Jensen et al., AGD).
 
 A policy may also **weight the guidance of FULL calls** (:meth:`GuidancePolicy.guidance_weight`):
 ``û = c − w·(c − u)``, so CFG yields ``c + w·(s − 1)·(c − u)``. Compress Guidance's ``compress``
@@ -27,8 +29,9 @@ policies multiply; what the policies learn (cosine, cached guidance, history) us
 
 **The combination rule**, written once here: every policy proposes an action per sample (or has no
 opinion, which means FULL). Per sample, the proposal with the highest rank wins, the ranks being
-``FULL < REUSE < ESTIMATE < COND_ONLY``: a sample is guided only while every policy wants it guided,
-and a policy that ends guidance (AG's cutoff) overrides one that approximates it (CompG's reuse).
+``FULL < REUSE < ESTIMATE < COND_ONLY < ADAPTER``: a sample is guided only while every policy wants it
+guided, a policy that ends guidance (AG's cutoff) overrides one that approximates it (CompG's reuse),
+and adapters, which put the guidance into the single pass, override all of them.
 An action whose input is missing (REUSE before the sample had a FULL step) falls back to FULL.
 The uncond is evaluated for the whole batch when any sample's action is FULL (the host evaluates
 cond and uncond as whole batches); samples whose action is not FULL still get their estimate, so a
@@ -63,6 +66,7 @@ class Action(enum.IntEnum):
     REUSE = 1
     ESTIMATE = 2
     COND_ONLY = 3
+    ADAPTER = 4
 
 
 @dataclass(frozen=True)
@@ -379,7 +383,7 @@ class GuidanceRun:
         def for_batch(action: Action, owner: int | None) -> torch.Tensor:
             if action == Action.FULL:
                 return uncond
-            if action == Action.COND_ONLY:
+            if action in (Action.COND_ONLY, Action.ADAPTER):
                 return cond
             if action == Action.REUSE:
                 return cond - plan.context.sigma * self._guidance_cache

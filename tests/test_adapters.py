@@ -1,11 +1,15 @@
 """AGD core: Fourier encoding, adapter shapes and size, the CFG target, and a short training that lowers the loss."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from fastguidance.adapters import (AdapterSpec, CrossAttentionAdapter, FourierFeatures, GuidanceAdapters, OffsetAdapter,
-                                   cfg_target)
-from fastguidance.errors import InvalidInputError
+                                   cfg_target, distillation_loss, prompt_vector)
+from fastguidance.adapter_training import (DistillationTrainer, TrainingSettings, TrajectoryStore, train_on_store,
+                                           trajectory_bytes)
+from fastguidance.errors import FastGuidanceError, InvalidInputError
 from fastguidance.reference.adapters import (adapter_spec, attach_points, collect_trajectories, single_pass_noise,
                                              train_adapters)
 from fastguidance.reference.weights import load_model
@@ -62,8 +66,17 @@ def test_a_short_training_on_cfg_trajectories_lowers_the_loss(model):
     data = collect_trajectories(model, prompts, (1.0, 8.0), steps=6, seed=0)
     assert len(data) == 24 and data.x.dtype == torch.float16 and data.size_bytes() < 1_000_000
     adapters = GuidanceAdapters(adapter_spec(model))
+    texts = model.encode(data.prompts).select(data.prompt)
+
+    def loss_on_all_steps() -> float:  # the whole data set: no batch-sampling noise in the comparison
+        with torch.no_grad():
+            prediction = single_pass_noise(model, adapters, data.x.float(), data.sigma, texts, data.omega)
+            return float(distillation_loss(prediction, data.target))
+
+    before = loss_on_all_steps()
     losses = train_adapters(model, adapters, data, steps=40, batch=16, lr=3e-3, warmup=5)
-    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
+    assert len(losses) == 40
+    assert loss_on_all_steps() < 0.8 * before
     # the adapted single pass depends on ω (the guidance scale is an input, not baked in)
     text = model.encode(prompts[:1])
     x, sigma = data.x[:1].float(), data.sigma[:1]
@@ -71,3 +84,99 @@ def test_a_short_training_on_cfg_trajectories_lowers_the_loss(model):
         low = single_pass_noise(model, adapters, x, sigma, text, torch.tensor([1.0]))
         high = single_pass_noise(model, adapters, x, sigma, text, torch.tensor([8.0]))
     assert (low - high).abs().max() > 1e-4
+
+
+def test_row_scale_scales_each_samples_adapter_output_and_zero_leaves_it_unchanged():
+    adapters = GuidanceAdapters(AdapterSpec({"a": 8}, text_dim=6, pooled_dim=6, hidden=8, embed_dim=16))
+    n, tokens = torch.randn(2, 5, 8), torch.randn(2, 3, 6)
+    omega, sigma, pooled = torch.tensor([4.0, 4.0]), torch.tensor([1.0, 1.0]), torch.randn(2, 6)
+    full = adapters.bind(omega, sigma, tokens, pooled)("a", n)
+    scaled = adapters.bind(omega, sigma, tokens, pooled, row_scale=torch.tensor([0.5, 0.0]))("a", n)
+    assert torch.allclose(scaled[0], n[0] + 0.5 * (full[0] - n[0]), atol=1e-6)
+    assert torch.equal(scaled[1], n[1])
+
+
+def test_prompt_vector_is_the_pooled_vector_or_the_token_mean():
+    tokens = torch.randn(2, 4, 3)
+    assert torch.equal(prompt_vector(tokens, None), tokens.mean(dim=1))
+    pooled = torch.randn(2, 5)
+    assert prompt_vector(tokens, pooled) is pooled
+
+
+def test_trajectory_store_keeps_fp16_examples_in_memory_or_on_disk(tmp_path):
+    x, target = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
+    assert trajectory_bytes(3, (2, 4, 4)) == 3 * (2 * 2 * 32 + 16)
+    for store in (TrajectoryStore(5, (2, 4, 4)), TrajectoryStore(5, (2, 4, 4), directory=tmp_path),
+                  TrajectoryStore(5, (2, 4, 4), memory_limit=10)):
+        assert store.append(x, torch.tensor([3.0, 2.0, 1.0]), 4.0, 1, target) == 3
+        assert store.append(x, torch.tensor([3.0, 2.0, 1.0]), torch.tensor([5.0, 6.0, 7.0]), 2, target) == 2  # capacity 5
+        assert len(store) == 5 and store.full and store.size_bytes() == trajectory_bytes(5, (2, 4, 4))
+        bx, sigma, omega, prompt, btarget = store.batch(torch.tensor([1, 4]))
+        assert torch.allclose(bx, x[[1, 1]].half().float()) and torch.allclose(btarget, target[[1, 1]].half().float())
+        assert sigma.tolist() == [2.0, 2.0] and omega.tolist() == [4.0, 6.0] and prompt.tolist() == [1, 2]
+        store.close()
+    assert TrajectoryStore(5, (2, 4, 4), memory_limit=10).on_disk
+    with pytest.raises(InvalidInputError, match="shape"):
+        TrajectoryStore(2, (2, 4, 4)).append(torch.randn(1, 2, 8, 8), torch.ones(1), 1.0, 0, torch.randn(1, 2, 8, 8))
+
+
+def test_learning_rate_warms_up_then_decays_to_zero():
+    settings = TrainingSettings(steps=100, learning_rate=1e-3, warmup=10)
+    assert settings.learning_rate_at(0) == pytest.approx(1e-4)
+    assert settings.learning_rate_at(9) == pytest.approx(1e-3)
+    assert settings.learning_rate_at(55) == pytest.approx(5e-4)
+    assert settings.learning_rate_at(100) == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(InvalidInputError, match="learning_rate"):
+        TrainingSettings(learning_rate=0.0)
+
+
+def _regression_problem():
+    torch.manual_seed(0)
+    spec = AdapterSpec({"a": 4}, text_dim=3, pooled_dim=0, kind="offset", hidden=8, embed_dim=8)
+    store = TrajectoryStore(32, (1, 4))
+    x = torch.randn(32, 1, 4)
+    store.append(x, torch.rand(32) + 0.5, torch.rand(32) * 4 + 1, 0, x + 0.3)
+    tokens = torch.zeros(1, 1, 3)
+
+    def predict_with(adapters):
+        def predict(x, sigma, omega, prompt):
+            return adapters.bind(omega, sigma, tokens.expand(x.shape[0], -1, -1))("a", x)
+        return predict
+
+    return spec, store, predict_with
+
+
+def test_a_resumed_training_ends_where_an_uninterrupted_one_ends(tmp_path):
+    spec, store, predict_with = _regression_problem()
+    settings = TrainingSettings(steps=30, batch=8, learning_rate=1e-2, warmup=3)
+    torch.manual_seed(1)
+    straight = DistillationTrainer(GuidanceAdapters(spec), settings)
+    train_on_store(straight, store, predict_with(straight.adapters))
+
+    torch.manual_seed(1)
+    first = DistillationTrainer(GuidanceAdapters(spec), settings)
+    saved = []
+    train_on_store(first, store, predict_with(first.adapters),
+                   checkpoint=lambda trainer: saved.append(trainer.save(tmp_path / "run.checkpoint", {"model": "m"})),
+                   checkpoint_every=10)
+    assert len(saved) == 2  # steps 10 and 20 (none after the last step)
+    resumed = DistillationTrainer(GuidanceAdapters(spec), settings)
+    resumed.resume(tmp_path / "run.checkpoint", {"model": "m"})
+    assert resumed.step == 20 and len(resumed.losses) == 20
+    train_on_store(resumed, store, predict_with(resumed.adapters))
+    for a, b in zip(straight.adapters.state_dict().values(), resumed.adapters.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert resumed.losses[-1] == pytest.approx(straight.losses[-1], rel=1e-5)
+    assert straight.final_loss(5) < straight.losses[0]
+    with pytest.raises(FastGuidanceError, match="another training"):
+        DistillationTrainer(GuidanceAdapters(spec), settings).resume(tmp_path / "run.checkpoint", {"model": "other"})
+    with pytest.raises(FastGuidanceError, match="another training"):
+        DistillationTrainer(GuidanceAdapters(spec), dataclasses.replace(settings, steps=40)).resume(
+            tmp_path / "run.checkpoint", {"model": "m"})
+
+
+def test_training_without_examples_is_refused():
+    spec, _, predict_with = _regression_problem()
+    trainer = DistillationTrainer(GuidanceAdapters(spec), TrainingSettings(steps=1))
+    with pytest.raises(FastGuidanceError, match="no trajectory"):
+        train_on_store(trainer, TrajectoryStore(4, (1, 4)), predict_with(trainer.adapters))

@@ -184,3 +184,19 @@ def test_evaluations_per_sample_count_each_samples_actions():
         run_call(run, step, x, cond, uncond)
     assert run.evaluations_per_sample() == [2 + 1 + 1, 2 + 2 + 1]
     assert run.summary().evaluations == 2 + 2 + 1
+
+
+def test_adapter_guidance_overrides_every_other_action_and_costs_one_evaluation_per_call():
+    from fastguidance.policies import AdapterGuidance
+
+    x, cond, uncond = tensors()
+    run = GuidanceRun([Scripted({0: Action.FULL, 1: Action.REUSE, 2: Action.COND_ONLY}), AdapterGuidance(None)],
+                      SIGMAS, batch_size=2)
+    for step in range(4):
+        plan, u_hat = run_call(run, step, x, cond, uncond)
+        assert plan.actions == (Action.ADAPTER, Action.ADAPTER) and not plan.evaluate_uncond
+        assert u_hat is cond  # CFG of (c, c) is the adapted pass itself
+    summary = run.finish()
+    assert (summary.calls, summary.evaluations) == (4, 4) and summary.speedup == 2.0
+    assert run.to_dict()["records"][0]["actions"] == ["adapter", "adapter"]
+    assert run.to_dict()["policies"][1] == {"method": "agd", "omega": None, "strength": 1.0}

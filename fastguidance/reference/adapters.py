@@ -9,13 +9,13 @@ the prompt, ``ω`` and the CFG noise prediction, the target of the single adapte
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
+from ..adapter_training import DistillationTrainer, TrainingSettings
 from ..adapters import AdapterSpec, GuidanceAdapters, cfg_target, distillation_loss
 from ..schedules import make_sigmas
 from .model import CrossAttentionBlock, ReferenceModel, TextConditioning
@@ -84,29 +84,23 @@ def collect_trajectories(model: ReferenceModel, prompts: Sequence[str], omega_ra
 def train_adapters(model: ReferenceModel, adapters: GuidanceAdapters, data: Trajectories, steps: int = 300,
                    batch: int = 64, lr: float = 2e-3, warmup: int = 20, seed: int = 0,
                    progress: Callable[[int, int, float], None] | None = None) -> list[float]:
-    """AdamW with warm-up and cosine decay on the distillation loss; the base model stays frozen."""
+    """The core's AdamW schedule (:class:`DistillationTrainer`) on the distillation loss; the base stays frozen."""
     model.requires_grad_(False)
-    adapters.train()
-    optimizer = torch.optim.AdamW(adapters.parameters(), lr=lr, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(seed)
+    trainer = DistillationTrainer(adapters, TrainingSettings(steps, batch, lr, warmup, seed=seed))
     texts = model.encode(data.prompts)
-    losses = []
-    for step in range(steps):
-        rows = torch.randint(0, len(data), (batch,), generator=generator)
+    while not trainer.done:
+        rows = trainer.sample_rows(len(data))
         text = texts.select(data.prompt[rows])
-        prediction = single_pass_noise(model, adapters, data.x[rows].float(), data.sigma[rows], text, data.omega[rows])
-        loss = distillation_loss(prediction, data.target[rows])
-        scale = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-        for group in optimizer.param_groups:
-            group["lr"] = lr * scale
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
+
+        def loss_of() -> torch.Tensor:
+            prediction = single_pass_noise(model, adapters, data.x[rows].float(), data.sigma[rows], text, data.omega[rows])
+            return distillation_loss(prediction, data.target[rows])
+
+        loss = trainer.train_step(loss_of)
         if progress is not None:
-            progress(step + 1, steps, losses[-1])
+            progress(trainer.step, steps, loss)
     adapters.eval()
-    return losses
+    return trainer.losses
 
 
 def training_prompts(count: int, seed: int = 0) -> list[str]:
