@@ -29,6 +29,7 @@ export const NODE_METHODS = Object.freeze({
   FastGuidance_CompressGuidance: "compg",
   FastGuidance_CompressGuider: "compg",
   FastGuidance_LinearAG: "linear_ag",
+  FastGuidance_LoadGuidanceAdapter: "agd",
 });
 
 /**

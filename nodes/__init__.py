@@ -7,6 +7,7 @@ from comfy_api.latest import ComfyExtension, io
 from .adaptive_guidance import AdaptiveGuidanceNode, AdaptiveGuiderNode
 from .compare_images import CompareImagesNode
 from .compress_guidance import CompressGuidanceNode, CompressGuiderNode
+from .guidance_adapter import LoadGuidanceAdapterNode, TrainGuidanceAdapterNode
 from .linear_ag import LinearAGCalibrateNode, LinearAGNode
 from .step_predictor import StepPredictorNode, TrainStepPredictorNode
 
@@ -18,8 +19,10 @@ NODES: list[type[io.ComfyNode]] = [
     CompressGuidanceNode,
     CompressGuiderNode,
     LinearAGCalibrateNode,
+    LoadGuidanceAdapterNode,
     LinearAGNode,
     StepPredictorNode,
+    TrainGuidanceAdapterNode,
     TrainStepPredictorNode,
 ]
 

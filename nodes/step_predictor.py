@@ -10,18 +10,15 @@ import comfy.model_management
 import comfy.sample
 import comfy.samplers
 import comfy.utils
-import folder_paths
-import numpy as np
 import torch
 from comfy_api.latest import io
-from PIL import Image
 
 from ..fastguidance.errors import InvalidInputError
 from ..fastguidance.metrics import ssim
-from ..fastguidance.report import quality_plot
 from ..fastguidance.step_predictor import (StepPredictor, conditioning_features, latent_fidelity, load_step_predictor,
                                            parse_step_options, save_step_predictor, train_step_policy)
 from . import model_folders
+from .curve_image import curve_image
 from .model_identity import model_architecture, model_fingerprint
 
 log = logging.getLogger("fastguidance")
@@ -93,19 +90,6 @@ class StepPredictorNode(io.ComfyNode):
         text = f"{steps} steps" + (f" (largest of {choices})" if len(choices) > 1 else "")
         log.info("FastGuidance [adadiff]: %s", text)
         return io.NodeOutput(steps, sigmas, ui={"text": [text]})
-
-
-def _curve_image(rewards: list[float], steps: list[float]) -> torch.Tensor:
-    """The training curve as a ComfyUI IMAGE ``[1, H, W, 3]`` (mean reward per iteration)."""
-    points = [{"label": "", "x": float(i + 1), "y": float(r)} for i, r in enumerate(rewards)]
-    points[-1]["label"] = f"mean steps {steps[-1]:.1f}"
-    path = os.path.join(folder_paths.get_temp_directory(), f"fastguidance_reward_{time.time_ns()}.png")
-    quality_plot(points, path, "iteration", "mean reward (quality − λ·steps/max)", "Step predictor training",
-                 line=True)
-    with Image.open(path) as image:
-        array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    os.remove(path)
-    return torch.from_numpy(array)[None]
 
 
 class TrainStepPredictorNode(io.ComfyNode):
@@ -238,4 +222,5 @@ class TrainStepPredictorNode(io.ComfyNode):
                   f"({100 * (1 - mean_steps / max(options)):.0f}% fewer than {max(options)})\n"
                   + "\n".join(f"  {steps:3d}  {line}" for steps, line in zip(chosen, lines)))
         log.info("FastGuidance: %s", report.splitlines()[0])
-        return io.NodeOutput(_curve_image(training.reward, training.steps), report)
+        return io.NodeOutput(curve_image(training.reward, "mean reward (quality − λ·steps/max)", "Step predictor training",
+                                          f"mean steps {training.steps[-1]:.1f}"), report)

@@ -133,3 +133,13 @@ def test_fastguidance_nodes_used_and_defined_agree():
     assert not unknown, f"workflows use node ids the pack does not define: {sorted(unknown)} ({used_by})"
     unused = defined - set(used_by)
     assert not unused, f"no example workflow uses {sorted(unused)}"
+
+
+def test_every_workflow_has_a_readme_screenshot():
+    """The README shows each example workflow after a browser-test run (tests/browser/readme_images.py)."""
+    readme = (PROJECT_ROOT / "README.md").read_text(encoding="utf-8")
+    for path in WORKFLOWS:
+        image = f"docs/images/workflows/{path.stem}.png"
+        assert (PROJECT_ROOT / image).is_file(), f"{image} is missing: run the browser test with FASTGUIDANCE_SCREENSHOTS"
+        assert image in readme, f"the README does not show {image}"
+        assert f"`{path.stem}`" in readme, f"the README's workflow table does not list {path.stem}"

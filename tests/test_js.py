@@ -36,3 +36,18 @@ def test_frontend_files_register_one_extension_each_and_chain_handlers():
                 assert f"{handler}?.apply(this, arguments)" in text, f"{path.name} does not chain {handler}"
         if "registerExtension" not in text:
             assert "from \"../../scripts/" not in text, f"{path.name} is pure data code: it must not import the app"
+
+
+def test_the_chart_knows_every_engine_action_and_every_method_node():
+    """The frontend's colour table and node table agree with the engine's actions and the pack's nodes."""
+    import re
+
+    from fastguidance.engine import Action
+
+    text = (PROJECT_ROOT / "js" / "run_chart_data.js").read_text(encoding="utf-8")
+    colours = re.search(r"ACTION_COLORS = Object\.freeze\(\{(.*?)\}\)", text, re.S).group(1)
+    assert set(re.findall(r"(\w+):", colours)) == {action.name.lower() for action in Action}
+    methods = dict(re.findall(r"(FastGuidance_\w+): \"(\w+)\"", re.search(r"NODE_METHODS = .*?\}\)", text, re.S).group(0)))
+    nodes_source = "".join(path.read_text(encoding="utf-8") for path in (PROJECT_ROOT / "nodes").glob("*.py"))
+    assert set(methods) <= set(re.findall(r'node_id="(FastGuidance_\w+)"', nodes_source))
+    assert methods["FastGuidance_LoadGuidanceAdapter"] == "agd"

@@ -14,7 +14,8 @@ const [url, outDir, executablePath, packFolder] = process.argv.slice(2);
 const RUN_TIMEOUT_MS = 300_000;
 //: node types whose runs send the chart (the calibrate node samples through an anonymous patch)
 const CHART_NODES = new Set(["FastGuidance_AdaptiveGuidance", "FastGuidance_AdaptiveGuider",
-  "FastGuidance_CompressGuidance", "FastGuidance_CompressGuider", "FastGuidance_LinearAG"]);
+  "FastGuidance_CompressGuidance", "FastGuidance_CompressGuider", "FastGuidance_LinearAG",
+  "FastGuidance_LoadGuidanceAdapter"]);
 
 mkdirSync(outDir, { recursive: true });
 const browser = await chromium.launch({ executablePath, headless: true, args: ["--no-sandbox"] });
@@ -40,7 +41,16 @@ async function loadTemplate(name) {
     await dialogTitle.first().waitFor({ timeout: 30_000 });
   }
   await page.getByText(packFolder, { exact: true }).first().click();
-  await page.locator(`[data-testid="template-workflow-${name}"]`).first().click();
+  const card = page.locator(`[data-testid="template-workflow-${name}"]`).first();
+  // the grid shows its first cards and loads more as it is scrolled
+  for (let i = 0; i < 20 && !(await card.count()); i++) {
+    await page.getByText(packFolder, { exact: true }).first().waitFor();
+    await page.mouse.move(1000, 600);
+    await page.mouse.wheel(0, 1500);
+    await page.waitForTimeout(400);
+  }
+  await card.scrollIntoViewIfNeeded();
+  await card.click();
   await page.waitForFunction((expected) => window.app.graph.nodes.length > 0
     && !document.body.innerText.includes("Get Started with a Template"), name, { timeout: 60_000 });
   await closeDialogs();
@@ -71,6 +81,14 @@ async function shrinkForCpu() {
         set(node, "height", 64);
       }
       if (node.type === "FastGuidance_LinearAGCalibrate") set(node, "runs", 1);
+      if (node.type === "FastGuidance_TrainGuidanceAdapter") {
+        set(node, "trajectories", 2);
+        set(node, "steps", 3);
+        set(node, "train_steps", 2);
+        set(node, "batch", 2);
+        set(node, "width", 64);
+        set(node, "height", 64);
+      }
       if (node.type === "FastGuidance_TrainStepPredictor") {
         set(node, "iterations", 2);
         set(node, "batch", 2);

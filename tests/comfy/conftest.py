@@ -89,6 +89,33 @@ def runs(host, monkeypatch):
     return captured
 
 
+def empty_pack_folder(tmp_path, monkeypatch, name: str):
+    """An empty ``models/<name>`` folder for one test (the host's registry entry is restored after)."""
+    import folder_paths
+    folder = tmp_path / name
+    folder.mkdir()
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, name, ([str(folder)], {".safetensors"}))
+    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
+    return folder
+
+
+def pack_module(host: Host, name: str) -> types.ModuleType:
+    """A module of the pack as ComfyUI loaded it (``"fastguidance.adapters"``, ``"nodes.adapter_patch"``)."""
+    return sys.modules[f"{host.pack.__name__}.{name}"]
+
+
+class FakeClip:
+    """Enough of CLIP for the trainers: seeded token embeddings of width 64 per prompt text (no pooled)."""
+
+    def tokenize(self, text):
+        return text
+
+    def encode_from_tokens_scheduled(self, text):
+        generator = torch.Generator().manual_seed(sum(map(ord, text)) % 10_000)
+        scale = 3.0 if text else 0.1
+        return [[torch.randn(1, 77, 64, generator=generator) * scale, {}]]
+
+
 @pytest.fixture()
 def conds():
     return make_conds()

@@ -23,7 +23,7 @@ PLAYWRIGHT = PACK_DIR / "node_modules" / "playwright-core"
 SCRIPT = PACK_DIR / "tests" / "browser" / "run_workflows.mjs"
 #: nodes whose runs draw a chart
 CHART_NODES = {"FastGuidance_AdaptiveGuidance", "FastGuidance_AdaptiveGuider", "FastGuidance_CompressGuidance",
-               "FastGuidance_CompressGuider", "FastGuidance_LinearAG"}
+               "FastGuidance_CompressGuider", "FastGuidance_LinearAG", "FastGuidance_LoadGuidanceAdapter"}
 #: what the tested frontend (1.27.10) logs by itself, with no custom node installed (checked against a
 #: server without the pack): 404s for optional resources, and a TypeError of its settings store at
 #: start-up ("reading 'id'" in onChange: it sets a setting it never registered)

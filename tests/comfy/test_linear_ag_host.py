@@ -6,20 +6,14 @@ import sys
 
 import pytest
 
-from conftest import counted, ksampler, latent, make_conds
+from conftest import counted, empty_pack_folder, ksampler, latent, make_conds
 
 STEPS = 8
 
 
 @pytest.fixture()
 def linear_ag_folder(host, tmp_path, monkeypatch):
-    """An empty models/fastguidance_linear_ag folder for the test (the host's registry entry is restored after)."""
-    import folder_paths
-    folder = tmp_path / "fastguidance_linear_ag"
-    folder.mkdir()
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "fastguidance_linear_ag", ([str(folder)], {".safetensors"}))
-    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
-    return folder
+    return empty_pack_folder(tmp_path, monkeypatch, "fastguidance_linear_ag")
 
 
 def calibrate(host, model, name="tiny", runs=2, batch=4, steps=STEPS, sampler="euler", scheduler="normal",

@@ -40,6 +40,8 @@ EXPECTED_NODES = {
     "FastGuidance_LinearAG": "sampling/fastguidance",
     "FastGuidance_StepPredictor": "sampling/fastguidance",
     "FastGuidance_TrainStepPredictor": "sampling/fastguidance",
+    "FastGuidance_TrainGuidanceAdapter": "sampling/fastguidance",
+    "FastGuidance_LoadGuidanceAdapter": "sampling/fastguidance",
 }
 #: node types that only the frontend knows (never in /object_info)
 FRONTEND_ONLY_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
@@ -353,7 +355,8 @@ def test_step_predictor_drives_ksampler_steps(server):
 
 
 #: CPU-sized settings applied to the example workflows before they are posted (same graph, smaller run)
-CPU_SIZED = {"steps": 3, "width": 64, "height": 64, "runs": 1, "iterations": 2, "batch": 2, "step_options": "2, 3"}
+CPU_SIZED = {"steps": 3, "width": 64, "height": 64, "runs": 1, "iterations": 2, "batch": 2, "step_options": "2, 3",
+             "trajectories": 2, "train_steps": 2}
 #: nodes whose images must stay large enough for SSIM (11×11 latents)
 CPU_SIZED_BY_NODE = {"FastGuidance_TrainStepPredictor": {"width": 96, "height": 96}}
 

@@ -7,19 +7,12 @@ import sys
 import pytest
 import torch
 
-from conftest import make_conds
+from conftest import FakeClip, empty_pack_folder, make_conds
 
 
 @pytest.fixture()
 def predictor_folder(host, tmp_path, monkeypatch):
-    """An empty models/fastguidance_step_predictors folder (the host's registry entry is restored after)."""
-    import folder_paths
-    folder = tmp_path / "fastguidance_step_predictors"
-    folder.mkdir()
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "fastguidance_step_predictors",
-                        ([str(folder)], {".safetensors"}))
-    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
-    return folder
+    return empty_pack_folder(tmp_path, monkeypatch, "fastguidance_step_predictors")
 
 
 def core(host, name):
@@ -34,18 +27,6 @@ def biased_predictor(host, folder, width=64, favourite=2, options=(10, 20, 30, 4
         predictor.network[-1].bias[favourite] = 5.0
     module.save_step_predictor(predictor, folder / name, {"sampler": "euler"})
     return name
-
-
-class FakeClip:
-    """Enough of CLIP for the trainer: seeded token embeddings of width 64 per prompt text (no pooled)."""
-
-    def tokenize(self, text):
-        return text
-
-    def encode_from_tokens_scheduled(self, text):
-        generator = torch.Generator().manual_seed(sum(map(ord, text)) % 10_000)
-        scale = 3.0 if text else 0.1
-        return [[torch.randn(1, 77, 64, generator=generator) * scale, {}]]
 
 
 def test_predictor_gives_steps_and_matching_sigmas(host, tiny_model, predictor_folder):

@@ -88,5 +88,5 @@ test("a run is drawn only on a node whose method took part", () => {
   assert.equal(runBelongsTo(run, "FastGuidance_LinearAG"), false);
   assert.equal(runBelongsTo(run, "FastGuidance_CompareImages"), false);
   assert.equal(runBelongsTo({}, "FastGuidance_AdaptiveGuidance"), false);
-  assert.deepEqual(new Set(Object.values(NODE_METHODS)), new Set(["ag", "compg", "linear_ag"]));
+  assert.deepEqual(new Set(Object.values(NODE_METHODS)), new Set(["ag", "compg", "linear_ag", "agd"]));
 });

@@ -1,0 +1,280 @@
+"""AGD in the host: where adapters attach, how they run on the conditional pass, how they are trained.
+
+Attach points (COMFYUI.md §4):
+- SD1.x / SD2.x / SDXL UNets: every cross-attention output, through ``attn2_output_patch``; named
+  ``input.3.0`` = (block kind, block id, transformer index within the block), as the host names them;
+- Flux-family DiTs: the image stream after every double block, through ``patches_replace["dit"]``
+  entries ``("double_block", i)`` (a patch already in a slot is chained); named ``double_block.i``.
+
+At run time an ``APPLY_MODEL`` wrapper binds the adapters once per model call (the conditioner
+reads ``ω``, the sigma, the prompt tokens and the model's pooled vector ``y`` where it has one) and
+passes the bound object to the attach points in a copy of ``transformer_options``. The adapters act
+on the conditional rows only; an uncond in the same batch stays the plain model. Adapter weights
+live in their own ModelPatcher, returned by the patches' ``models()``, so the host loads, offloads
+and casts them with the model; the patch objects are shared, not copied, when a MODEL is cloned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from typing import Any, Iterator
+
+import comfy.model_management
+import comfy.model_patcher
+import comfy.patcher_extension
+import torch
+
+from ..fastguidance.adapters import GuidanceAdapters, prompt_vector
+from ..fastguidance.errors import InvalidInputError
+from ..fastguidance.policies import AdapterGuidance
+from .engine_patch import install_policy
+from .model_identity import model_architecture
+
+log = logging.getLogger("fastguidance")
+
+#: transformer_options key of the adapters of a patched model (:class:`AdapterSettings`)
+SETTINGS_KEY = "fastguidance_agd"
+#: transformer_options key of the adapters bound for the current model call
+BOUND_KEY = "fastguidance_agd_bound"
+#: transformer_options key, per run: ω read from the sampler's cfg
+OMEGA_KEY = "fastguidance_agd_omega"
+#: key of the pack's APPLY_MODEL and OUTER_SAMPLE wrappers for adapters
+WRAPPER_KEY = "fastguidance_agd"
+SUPPORTED = "SD1.x, SD2.x and SDXL UNets (cross-attention outputs) and Flux-family DiTs (double blocks)"
+
+
+def attach_points(model: Any) -> dict[str, int]:
+    """Attach point name → channels of the host model, or an error naming an unsupported architecture."""
+    diffusion_model = model.model.diffusion_model
+    points: dict[str, int] = {}
+    if hasattr(diffusion_model, "input_blocks") and hasattr(diffusion_model, "output_blocks"):
+        middle = [diffusion_model.middle_block] if getattr(diffusion_model, "middle_block", None) is not None else []
+        for kind, blocks in (("input", diffusion_model.input_blocks), ("middle", middle),
+                             ("output", diffusion_model.output_blocks)):
+            for block_id, block in enumerate(blocks):
+                for layer in block:
+                    for index, transformer in enumerate(getattr(layer, "transformer_blocks", ())):
+                        if getattr(transformer, "attn2", None) is not None:
+                            points[f"{kind}.{block_id}.{index}"] = transformer.attn2.to_out[0].out_features
+    elif hasattr(diffusion_model, "double_blocks") and hasattr(diffusion_model, "hidden_size"):
+        points = {f"double_block.{i}": int(diffusion_model.hidden_size) for i in range(len(diffusion_model.double_blocks))}
+    if not points:
+        raise InvalidInputError("model", model_architecture(model),
+                                f"guidance adapters attach to {SUPPORTED}; this model has no such attach point")
+    return points
+
+
+def is_dit(points: dict[str, int]) -> bool:
+    return next(iter(points)).startswith("double_block.")
+
+
+class _AdapterPatch:
+    """Shared by every clone of a MODEL (not deep-copied); tells the host about the adapters' ModelPatcher."""
+
+    def __init__(self, weights: comfy.model_patcher.ModelPatcher | None):
+        self.weights = weights
+
+    def models(self) -> list:
+        return [self.weights] if self.weights is not None else []
+
+    def to(self, device_or_dtype: Any) -> "_AdapterPatch":
+        return self
+
+    def __deepcopy__(self, memo: dict) -> "_AdapterPatch":
+        return self
+
+
+class AttentionOutputPatch(_AdapterPatch):
+    """``attn2_output_patch``: ``n → n + adapter(n)`` where the call has bound adapters."""
+
+    def __call__(self, n: torch.Tensor, extra_options: dict) -> torch.Tensor:
+        bound = extra_options.get(BOUND_KEY)
+        if bound is None:
+            return n
+        block = extra_options["block"]
+        return bound(f"{block[0]}.{block[1]}.{extra_options.get('block_index', 0)}", n)
+
+
+class DoubleBlockPatch(_AdapterPatch):
+    """``patches_replace["dit"][("double_block", i)]``: the block (or the patch that was there), then the adapter."""
+
+    def __init__(self, weights, index: int, previous: Any = None):
+        super().__init__(weights)
+        self.index, self.previous = index, previous
+
+    def models(self) -> list:
+        return super().models() + (self.previous.models() if hasattr(self.previous, "models") else [])
+
+    def __call__(self, args: dict, extra: dict) -> dict:
+        out = self.previous(args, extra) if self.previous is not None else extra["original_block"](args)
+        bound = (args.get("transformer_options") or {}).get(BOUND_KEY)
+        if bound is None:
+            return out
+        return {**out, "img": bound(f"double_block.{self.index}", out["img"])}
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterSettings:
+    """What a MODEL with adapters carries: the adapters' ModelPatcher, ω (None: the sampler's cfg), strength."""
+
+    weights: comfy.model_patcher.ModelPatcher
+    omega: float | None
+    strength: float
+    omega_range: tuple[float, float] | None = None
+
+    def __deepcopy__(self, memo: dict) -> "AdapterSettings":
+        return self
+
+
+def attach(model: Any, weights: comfy.model_patcher.ModelPatcher | None) -> Any:
+    """A clone of ``model`` whose attach points run the adapters bound for a call (no adapter is bound yet)."""
+    points = attach_points(model)
+    patched = model.clone()
+    if is_dit(points):
+        replace = patched.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
+        for index in range(len(points)):
+            previous = replace.get(("double_block", index))
+            patched.set_model_patch_replace(DoubleBlockPatch(weights, index, previous), "dit", "double_block", index)
+    else:
+        patched.set_model_attn2_output_patch(AttentionOutputPatch(weights))
+    patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY)
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, adapter_apply_model)
+    return patched
+
+
+def has_adapters(model: Any) -> bool:
+    return SETTINGS_KEY in model.model_options.get("transformer_options", {})
+
+
+def install_adapters(model: Any, adapters: GuidanceAdapters, omega: float | None, strength: float,
+                     omega_range: tuple[float, float] | None, node_id: str | None) -> Any:
+    """The MODEL whose every model call is one adapted, guided evaluation (engine action ``ADAPTER``)."""
+    if has_adapters(model):
+        raise InvalidInputError("model", "already has guidance adapters",
+                                "connect the model before its first Load Guidance Adapter node")
+    weights = comfy.model_patcher.ModelPatcher(adapters, load_device=comfy.model_management.get_torch_device(),
+                                               offload_device=comfy.model_management.unet_offload_device())
+    patched = attach(model, weights)
+    patched.model_options["transformer_options"][SETTINGS_KEY] = AdapterSettings(weights, omega, strength, omega_range)
+    patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, adapter_outer_sample)
+    return install_policy(patched, AdapterGuidance(omega, strength), node_id)
+
+
+def adapter_outer_sample(executor, *args, **kwargs):
+    """``OUTER_SAMPLE`` wrapper: where ω is the sampler's cfg, read it from the guider for this run."""
+    guider = executor.class_obj
+    settings: AdapterSettings | None = guider.model_options.get("transformer_options", {}).get(SETTINGS_KEY)
+    if settings is None or settings.omega is not None:
+        return executor(*args, **kwargs)
+    cfg = getattr(guider, "cfg", None)
+    if cfg is None:
+        log.warning("FastGuidance [agd]: the guider %s has no cfg; set the guidance scale on Load Guidance Adapter "
+                    "(use_sampler_cfg off). The adapters are off for this run.", type(guider).__name__)
+        return executor(*args, **kwargs)
+    warn_outside_range(float(cfg), settings.omega_range)
+    original = guider.model_options
+    guider.model_options = comfy.model_patcher.create_model_options_clone(original)
+    guider.model_options["transformer_options"][OMEGA_KEY] = float(cfg)
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        guider.model_options = original
+
+
+def warn_outside_range(omega: float, omega_range: tuple[float, float] | None) -> None:
+    if omega_range is not None and not omega_range[0] <= omega <= omega_range[1]:
+        log.warning("FastGuidance [agd]: guidance scale %.2f is outside the range the adapters were trained on "
+                    "(%.2f–%.2f); expect results unlike CFG", omega, *omega_range)
+
+
+def conditional_rows(cond_or_uncond: list[int] | None, batch: int, strength: float) -> torch.Tensor:
+    """Per-row adapter scale of a model call: ``strength`` on cond rows, 0 on uncond rows.
+
+    ``cond_or_uncond`` is the host's list of the call's chunks (0 = cond, 1 = uncond); a call without
+    it is all cond.
+    """
+    if not cond_or_uncond:
+        return torch.full((batch,), float(strength))
+    per_chunk = batch // len(cond_or_uncond)
+    return torch.tensor([strength if kind == 0 else 0.0 for kind in cond_or_uncond for _ in range(per_chunk)])
+
+
+def bind_adapters(adapters: GuidanceAdapters, omega: float | torch.Tensor, sigma: torch.Tensor, c_crossattn: torch.Tensor,
+                  kwargs: dict, row_scale: torch.Tensor | None):
+    """The adapters of one model call: ω, σ, prompt tokens and the pooled vector (``y``) where the model has one."""
+    device = next(adapters.parameters()).device
+    omega_rows = omega.to(device).float() if torch.is_tensor(omega) else torch.full((sigma.shape[0],), float(omega), device=device)
+    tokens = c_crossattn.to(device)
+    pooled = kwargs.get("y")
+    return adapters.bind(omega_rows, sigma.to(device), tokens, prompt_vector(tokens, None if pooled is None else pooled.to(device)),
+                         row_scale=None if row_scale is None else row_scale.to(device))
+
+
+def adapter_apply_model(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+    """``APPLY_MODEL`` wrapper: bind the adapters for this call (cond rows only) and pass them to the attach points."""
+    settings: AdapterSettings | None = transformer_options.get(SETTINGS_KEY)
+    omega = None if settings is None else transformer_options.get(OMEGA_KEY, settings.omega)
+    if settings is None or omega is None or settings.strength == 0.0 or BOUND_KEY in transformer_options \
+            or c_crossattn is None:
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+    row_scale = conditional_rows(transformer_options.get("cond_or_uncond"), x.shape[0], settings.strength)
+    if not bool(row_scale.any()):  # an uncond-only call: the plain model
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+    adapters: GuidanceAdapters = settings.weights.model
+    bound = bind_adapters(adapters, omega, t, c_crossattn, kwargs, None if bool((row_scale == 1).all()) else row_scale)
+    return executor(x, t, c_concat, c_crossattn, control, {**transformer_options, BOUND_KEY: bound}, **kwargs)
+
+
+@contextlib.contextmanager
+def trainable_weights(module: torch.nn.Module) -> Iterator[int]:
+    """Let autograd flow *through* a frozen model without training it.
+
+    The host loads models under ``torch.inference_mode()``; such tensors cannot be saved for
+    backward, and training adapters needs gradients through every later block of the frozen base.
+    Inference-tensor parameters and buffers are swapped for normal copies while the context is
+    open (the model's values never change) and swapped back afterwards; parameters that would
+    collect gradients are frozen meanwhile. Yields the bytes copied, the extra memory training
+    needs on top of the loaded model.
+    """
+    swapped: list[tuple[dict, str, torch.Tensor]] = []
+    frozen: list[torch.nn.Parameter] = []
+    copied = 0
+    with torch.inference_mode(False):
+        for submodule in module.modules():
+            for is_parameter, table in ((True, submodule._parameters), (False, submodule._buffers)):
+                for name, tensor in list(table.items()):
+                    if tensor is None:
+                        continue
+                    if tensor.is_inference():
+                        swapped.append((table, name, tensor))
+                        copy = tensor.detach().clone()
+                        table[name] = torch.nn.Parameter(copy, requires_grad=False) if is_parameter else copy
+                        copied += copy.numel() * copy.element_size()
+                    elif is_parameter and tensor.requires_grad:
+                        tensor.requires_grad_(False)
+                        frozen.append(tensor)
+    try:
+        yield copied
+    finally:
+        for table, name, tensor in swapped:
+            table[name] = tensor
+        for parameter in frozen:
+            parameter.requires_grad_(True)
+
+
+def _copy_unless_parameter(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor if isinstance(tensor, torch.nn.Parameter) else tensor.clone()
+
+
+def saved_activations_copied() -> contextlib.AbstractContextManager:
+    """Autograd keeps copies of the activations it saves, so the host's in-place updates cannot corrupt them.
+
+    The host's Flux blocks update their streams in place (``txt += …``, ``x += …``) after layers
+    that saved them for backward; once adapters make those streams require gradients, autograd
+    refuses ("modified by an inplace operation"). Copying saved activations (never the weights)
+    gives exactly the out-of-place gradients at the cost of more activation memory; UNets do not need it.
+    """
+    return torch.autograd.graph.saved_tensors_hooks(_copy_unless_parameter, lambda tensor: tensor)

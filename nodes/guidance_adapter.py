@@ -1,0 +1,421 @@
+"""AGD nodes: train guidance adapters on the user's model, and load them for single-pass guided sampling."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import time
+from typing import Any
+
+import comfy.model_management
+import comfy.patcher_extension
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import torch
+from comfy_api.latest import io
+
+from ..fastguidance.adapter_training import (DistillationTrainer, TrainingSettings, TrajectoryStore, format_bytes,
+                                             train_on_store, trajectory_bytes)
+from ..fastguidance.adapters import ADAPTER_KINDS, AdapterSpec, GuidanceAdapters, load_adapters, save_adapters
+from ..fastguidance.errors import FastGuidanceError, InvalidInputError
+from . import model_folders
+from .adapter_patch import (BOUND_KEY, attach, attach_points, bind_adapters, has_adapters, install_adapters, is_dit,
+                            saved_activations_copied, trainable_weights, warn_outside_range)
+from .curve_image import curve_image
+from .model_identity import model_architecture, model_fingerprint
+
+log = logging.getLogger("fastguidance")
+
+CHECKPOINT_SUFFIX = ".checkpoint"  # not .safetensors: checkpoints never show up in the loader's list
+
+
+class LoadGuidanceAdapterNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FastGuidance_LoadGuidanceAdapter",
+            display_name="Load Guidance Adapter (FastGuidance)",
+            category="sampling/fastguidance",
+            description="Adapter Guidance Distillation (Jensen et al. 2025): small adapters trained on your model make "
+                        "one model evaluation return the CFG result, so every step costs one evaluation instead of "
+                        "two. Use the output MODEL with the stock KSampler or SamplerCustomAdvanced. The adapters "
+                        "come from 'Train Guidance Adapter' for this model.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model the adapters were trained for."),
+                io.Combo.Input("adapter", options=model_folders.files(model_folders.ADAPTERS),
+                               tooltip="An adapter file from models/fastguidance_adapters/."),
+                io.Boolean.Input("use_sampler_cfg", default=True,
+                                 tooltip="On: the guidance scale is the sampler's cfg (the negative prompt is not "
+                                         "evaluated; the adapters learned its effect). Off: use guidance_scale below."),
+                io.Float.Input("guidance_scale", default=5.0, min=0.0, max=30.0, step=0.1, round=0.01,
+                               tooltip="The guidance scale ω when use_sampler_cfg is off. Stay inside the range the "
+                                       "adapters were trained on (shown in the log; default training range 1–8)."),
+                io.Float.Input("strength", default=1.0, min=0.0, max=2.0, step=0.05,
+                               tooltip="Scales the adapters' output. 1 = as trained; 0 = adapters off, which gives "
+                                       "exactly the unguided (cfg 1) result at one evaluation per step."),
+                io.Boolean.Input("allow_other_model", default=False, optional=True,
+                                 tooltip="Use adapters trained on another model of the same architecture (for "
+                                         "example before a LoRA), with a warning. Off: they are refused."),
+            ],
+            outputs=[io.Model.Output(tooltip="The model with adapters: one evaluation per step, guided.")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, adapter: str, use_sampler_cfg: bool, guidance_scale: float, strength: float,
+                allow_other_model: bool = False) -> io.NodeOutput:
+        path = model_folders.existing_file(model_folders.ADAPTERS, adapter, "adapter",
+                                           "train adapters with Train Guidance Adapter")
+        adapters, metadata = load_adapters(path)
+        check_made_for(model, adapter, metadata, adapters.spec.attach_points, allow_other_model)
+        omega_range = tuple(metadata["omega_range"]) if metadata.get("omega_range") else None
+        omega = None if use_sampler_cfg else float(guidance_scale)
+        if omega is not None:
+            warn_outside_range(omega, omega_range)
+        log.info("FastGuidance [agd]: %s (%d parameters, trained for ω %s) at %s, strength %.2f", adapter,
+                 adapters.count_parameters(), omega_range, "the sampler's cfg" if omega is None else f"ω {omega:.2f}",
+                 strength)
+        return io.NodeOutput(install_adapters(model, adapters, omega, strength, omega_range, cls.hidden.unique_id))
+
+
+def check_made_for(model, adapter: str, metadata: dict, file_points: dict, allow_other_model: bool) -> None:
+    """Refuse adapters made for another architecture or attach-point set; another fingerprint only on request."""
+    architecture = model_architecture(model)
+    if metadata.get("architecture") != architecture:
+        raise InvalidInputError("adapter", adapter, f"it was trained for a {metadata.get('architecture')} model and "
+                                                    f"this model is {architecture}: train adapters for this model")
+    points = attach_points(model)
+    if dict(file_points) != points:
+        missing = sorted(set(points) ^ set(file_points))[:4]
+        raise InvalidInputError("adapter", adapter, f"it was made for other attach points ({len(file_points)} in the "
+                                                    f"file, {len(points)} in this model; differing: {missing} or "
+                                                    "their widths): train adapters for this model")
+    made_for, this_model = metadata.get("model_fingerprint"), model_fingerprint(model)
+    if made_for and made_for != this_model:
+        where = f"another {architecture} model (fingerprint {made_for}; this one is {this_model})"
+        if not allow_other_model:
+            raise InvalidInputError("adapter", adapter, f"it was trained on {where}: train adapters for this model, "
+                                                        "or turn on allow_other_model")
+        log.warning("FastGuidance [agd]: %s was trained on %s; results may differ from CFG", adapter, where)
+
+
+class _Recorder:
+    """Collects one CFG trajectory: the conditioning the model saw (once) and, per call, input, σ and CFG's noise."""
+
+    def __init__(self):
+        self.conditioning: dict[str, Any] | None = None
+        self.examples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def __deepcopy__(self, memo: dict) -> "_Recorder":
+        return self
+
+    def apply_model(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+        chunks = transformer_options.get("cond_or_uncond") or [0]
+        if self.conditioning is None and 0 in chunks:
+            per_chunk = x.shape[0] // len(chunks)
+            rows = slice(chunks.index(0) * per_chunk, chunks.index(0) * per_chunk + 1)
+
+            def cond_row(value):
+                if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == x.shape[0]:
+                    return value[rows].detach().cpu()
+                return value
+
+            self.conditioning = {"c_concat": cond_row(c_concat), "c_crossattn": cond_row(c_crossattn),
+                                 "kwargs": {key: cond_row(value) for key, value in kwargs.items()}}
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+
+    def post_cfg(self, args: dict) -> torch.Tensor:
+        x, sigma, denoised = args["input"], args["sigma"], args["denoised"]
+        noise = (x - denoised) / sigma.reshape(-1, *([1] * (x.dim() - 1)))  # CFG's prediction in noise space
+        self.examples.append((x.detach().cpu(), sigma.detach().float().cpu(), noise.detach().cpu()))
+        return denoised
+
+
+class TrainGuidanceAdapterNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FastGuidance_TrainGuidanceAdapter",
+            display_name="Train Guidance Adapter (FastGuidance)",
+            category="sampling/fastguidance",
+            description="Trains AGD guidance adapters (Jensen et al. 2025) on your model: samples your prompts with "
+                        "CFG at random guidance scales, records every step, and teaches small adapters (about 1–5% "
+                        "of the model) to give the CFG result in one evaluation. Saves "
+                        "models/fastguidance_adapters/<filename>; use it with Load Guidance Adapter. Interrupting "
+                        "keeps a checkpoint: run again with resume on to continue.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model to train adapters for (its weights stay unchanged)."),
+                io.Clip.Input("clip", tooltip="The text encoder of that model."),
+                io.String.Input("prompts", multiline=True,
+                                default="a cat sitting on a windowsill\na red car parked on a street at night, rain\n"
+                                        "a portrait of an old fisherman, soft window light\na bowl of fruit on a table",
+                                tooltip="Training prompts, one per line: dozens of the kinds you use (more prompts "
+                                        "generalise better)."),
+                io.String.Input("negative", multiline=True, default="",
+                                tooltip="The negative prompt the adapters learn to imply (CFG's uncond)."),
+                io.Float.Input("omega_min", default=1.0, min=0.0, max=30.0, step=0.1,
+                               tooltip="Lowest guidance scale ω of the training trajectories."),
+                io.Float.Input("omega_max", default=8.0, min=0.0, max=30.0, step=0.1,
+                               tooltip="Highest guidance scale ω. Each trajectory draws ω uniformly in [min, max]; "
+                                       "use the adapters inside this range."),
+                io.Int.Input("trajectories", default=64, min=1, max=100000,
+                             tooltip="CFG sampling runs recorded (prompts are cycled). Each costs steps × 2 "
+                                     "evaluations; every step becomes one training example."),
+                io.Int.Input("steps", default=20, min=1, max=200, tooltip="Sampling steps per trajectory."),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler",
+                               tooltip="Sampler of the trajectories (use the one you will sample with)."),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="normal",
+                               tooltip="Scheduler of the trajectories."),
+                io.Int.Input("width", default=512, min=64, max=4096, step=8, tooltip="Image width of the trajectories."),
+                io.Int.Input("height", default=512, min=64, max=4096, step=8, tooltip="Image height of the trajectories."),
+                io.Int.Input("train_steps", default=1000, min=1, max=1000000,
+                             tooltip="Optimiser steps (AdamW, warm-up then cosine decay)."),
+                io.Int.Input("batch", default=4, min=1, max=256,
+                             tooltip="Examples per optimiser step. Memory grows with it (gradients flow through "
+                                     "the whole model)."),
+                io.Float.Input("learning_rate", default=1e-3, min=1e-6, max=1e-1, step=1e-5, round=1e-6,
+                               tooltip="Peak learning rate (1e-4 … 3e-3 is typical)."),
+                io.Combo.Input("kind", options=list(ADAPTER_KINDS), default="cross_attention",
+                               tooltip="cross_attention: attends to the prompt tokens (the paper's choice for "
+                                       "text-to-image models). offset: one learned offset per block (smaller; the "
+                                       "paper's choice for class-conditional DiTs)."),
+                io.Int.Input("adapter_width", default=64, min=8, max=1024, step=4,
+                             tooltip="Hidden width of each adapter (a multiple of 4). Larger = more parameters."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seeds the trajectories' noise and ω, the initialisation and the batches."),
+                io.String.Input("filename", default="guidance_adapter",
+                                tooltip="File name in models/fastguidance_adapters/ (.safetensors added)."),
+                io.Boolean.Input("overwrite", default=False,
+                                 tooltip="Replace a file of the same name. Off: an existing file is never replaced."),
+                io.Boolean.Input("resume", default=True,
+                                 tooltip="Continue from the checkpoint an interrupted run of the same inputs left "
+                                         "(the trajectories are recorded again, identically, from the seed)."),
+            ],
+            outputs=[io.Image.Output("loss_curve", display_name="loss_curve",
+                                     tooltip="Distillation loss per step (it should fall)."),
+                     io.String.Output("report", display_name="report",
+                                      tooltip="Where the file went, its size, the final loss, time and memory.")],
+            hidden=[io.Hidden.unique_id],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def validate_inputs(cls, prompts=None, filename=None, omega_min=None, omega_max=None, adapter_width=None,
+                        kind=None) -> bool | str:
+        try:
+            if prompts is not None and not [line for line in prompts.splitlines() if line.strip()]:
+                raise InvalidInputError("prompts", prompts, "write at least one prompt, one per line")
+            if filename is not None:
+                model_folders.file_name(filename)
+            if omega_min is not None and omega_max is not None and omega_min > omega_max:
+                raise InvalidInputError("omega_min", omega_min, f"use a value no larger than omega_max ({omega_max})")
+            if adapter_width is not None and kind == "cross_attention" and adapter_width % 4:
+                raise InvalidInputError("adapter_width", adapter_width, "use a multiple of 4 (the adapters' heads)")
+        except InvalidInputError as error:
+            return str(error)
+        return True
+
+    @classmethod
+    def execute(cls, model, clip, prompts: str, negative: str, omega_min: float, omega_max: float, trajectories: int,
+                steps: int, sampler_name: str, scheduler: str, width: int, height: int, train_steps: int, batch: int,
+                learning_rate: float, kind: str, adapter_width: int, seed: int, filename: str, overwrite: bool,
+                resume: bool) -> io.NodeOutput:
+        began = time.perf_counter()
+        failure = cls.validate_inputs(prompts, filename, omega_min, omega_max, adapter_width, kind)
+        if failure is not True:
+            raise InvalidInputError("inputs", "", failure)
+        if has_adapters(model):
+            raise InvalidInputError("model", "has guidance adapters", "connect the model without Load Guidance Adapter")
+        points = attach_points(model)
+        lines = [line.strip() for line in prompts.splitlines() if line.strip()]
+        path = model_folders.new_file(model_folders.ADAPTERS, filename, overwrite)
+        checkpoint_path = path[: -len(".safetensors")] + CHECKPOINT_SUFFIX
+        if os.path.exists(checkpoint_path) and not resume:
+            raise InvalidInputError("resume", False, f"{checkpoint_path} holds an interrupted training of this name: turn "
+                                                     "on resume to continue it, or delete that file to start again")
+        settings = TrainingSettings(train_steps, batch, learning_rate, warmup=max(1, min(100, train_steps // 20)),
+                                    seed=seed % (1 << 31))
+        node_id = cls.hidden.unique_id
+        latent_format = model.get_model_object("latent_format")
+        sample_shape = (latent_format.latent_channels, height // 8, width // 8)
+        estimate = trajectory_bytes(trajectories * steps, sample_shape)
+        _show(node_id, f"Recording {trajectories} CFG trajectories × {steps} steps: about {format_bytes(estimate)} of "
+                       f"training data ({'on disk' if estimate > (1 << 30) else 'in memory'}), then {train_steps} "
+                       "training steps.")
+        progress = comfy.utils.ProgressBar(trajectories * steps + train_steps, node_id=node_id)
+
+        conditioning, store = _record_trajectories(model, clip, lines, negative, (omega_min, omega_max), trajectories,
+                                                   steps, sampler_name, scheduler, sample_shape, seed, progress)
+        collected = time.perf_counter() - began
+        try:
+            first = conditioning[0]
+            pooled = first["kwargs"].get("y")
+            text_dim = first["c_crossattn"].shape[-1]
+            spec = AdapterSpec(points, text_dim, pooled.shape[-1] if pooled is not None else text_dim, kind, adapter_width)
+            identity = {"spec": spec.to_dict(), "model_fingerprint": model_fingerprint(model), "prompts": lines,
+                        "negative": negative, "omega_range": [omega_min, omega_max], "trajectories": trajectories,
+                        "steps": steps, "sampler": sampler_name, "scheduler": scheduler, "width": width,
+                        "height": height}
+            adapters, trainer, memory = _train(model, spec, settings, store, conditioning, checkpoint_path, identity,
+                                               resume, progress)
+        finally:
+            store.close()
+        info = {"architecture": model_architecture(model), "model_fingerprint": identity["model_fingerprint"],
+                "omega_range": [omega_min, omega_max], "prompts": len(lines), "negative": negative,
+                "trajectories": trajectories, "trajectory_steps": steps, "trajectory_examples": len(store),
+                "trajectory_bytes": trajectory_bytes(len(store), sample_shape), "sampler": sampler_name,
+                "scheduler": scheduler, "width": width, "height": height, "train_steps": train_steps, "batch": batch,
+                "learning_rate": learning_rate, "seed": seed, "final_loss": trainer.final_loss(),
+                "loss_every_50": [sum(trainer.losses[i:i + 50]) / len(trainer.losses[i:i + 50])
+                                  for i in range(0, len(trainer.losses), 50)],
+                "collect_seconds": collected, "seconds": time.perf_counter() - began, **memory,
+                "base_parameters": sum(p.numel() for p in model.model.diffusion_model.parameters())}
+        save_adapters(adapters, path, info, overwrite=overwrite)
+        if os.path.exists(checkpoint_path):
+            os.remove(checkpoint_path)
+        share = adapters.count_parameters() / info["base_parameters"]
+        report = (f"Guidance adapters saved to {path}\n{adapters.count_parameters():,} parameters ({100 * share:.2f}% of "
+                  f"the model), {len(points)} attach points, {kind}\n{len(store)} trajectory steps "
+                  f"({format_bytes(info['trajectory_bytes'])}) recorded in {collected:.0f} s; {train_steps} training "
+                  f"steps; final loss {info['final_loss']:.5f} (first {trainer.losses[0]:.5f}); total "
+                  f"{info['seconds']:.0f} s; {memory['memory_note']}")
+        log.info("FastGuidance: %s", report.replace("\n", "; "))
+        return io.NodeOutput(curve_image(trainer.losses, "distillation loss (MSE to CFG)", "Guidance adapter training",
+                                         f"final {info['final_loss']:.4f}", x_label="step"), report)
+
+
+def _show(node_id: str | None, text: str) -> None:
+    """Text on the node while it runs (and in the log)."""
+    log.info("FastGuidance: %s", text)
+    try:
+        from server import PromptServer
+
+        if PromptServer.instance is not None and node_id is not None:
+            PromptServer.instance.send_progress_text(text, node_id)
+    except (ImportError, AttributeError):
+        pass
+
+
+def _record_trajectories(model, clip, lines: list[str], negative: str, omega_range: tuple[float, float],
+                         trajectories: int, steps: int, sampler_name: str, scheduler: str, sample_shape: tuple,
+                         seed: int, progress) -> tuple[list[dict], TrajectoryStore]:
+    """CFG sampling of the prompts (cycled) at seeded random ω; every model call becomes one example."""
+    conds = [clip.encode_from_tokens_scheduled(clip.tokenize(line)) for line in lines]
+    negative_cond = clip.encode_from_tokens_scheduled(clip.tokenize(negative))
+    conditioning: list[dict | None] = [None] * len(lines)
+    rng = random.Random(seed)
+    empty = torch.zeros(1, *sample_shape)
+    store: TrajectoryStore | None = None
+    dropped = 0
+    for index in range(trajectories):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        prompt = index % len(lines)
+        omega = rng.uniform(*omega_range)
+        recorder = _Recorder()
+        recording = model.clone()
+        recording.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "fastguidance_record",
+                                       recorder.apply_model)
+        recording.set_model_sampler_post_cfg_function(recorder.post_cfg)
+
+        def callback(step, x0, x, total_steps):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            progress.update(1)
+
+        noise = comfy.sample.prepare_noise(empty, seed + index)
+        comfy.sample.sample(recording, noise, steps, omega, sampler_name, scheduler, conds[prompt], negative_cond,
+                            empty, callback=callback, disable_pbar=True, seed=seed + index)
+        if recorder.conditioning is None or not recorder.examples:
+            raise FastGuidanceError("the sampler never called the model with the prompt: nothing to record")
+        if conditioning[prompt] is None:
+            conditioning[prompt] = recorder.conditioning
+        if store is None:  # the first trajectory tells how many model calls a trajectory makes
+            store = TrajectoryStore(trajectories * len(recorder.examples), sample_shape)
+        for x, sigma, target in recorder.examples:
+            if store.append(x, sigma, omega, prompt, target) < x.shape[0]:
+                dropped += 1
+    if dropped:
+        log.warning("FastGuidance [agd]: %d model calls beyond the first trajectory's count were not stored "
+                    "(an adaptive sampler makes a varying number of calls)", dropped)
+    return [c for c in conditioning], store
+
+
+def _train(model, spec: AdapterSpec, settings: TrainingSettings, store: TrajectoryStore, conditioning: list[dict],
+           checkpoint_path: str, identity: dict, resume: bool, progress) -> tuple[GuidanceAdapters, DistillationTrainer, dict]:
+    """Distil the stored trajectories into new adapters; checkpoints on interruption and every tenth of the run."""
+    comfy.model_management.load_models_gpu([model])
+    device = model.load_device
+    with torch.inference_mode(False), torch.enable_grad():
+        torch.manual_seed(settings.seed)
+        adapters = GuidanceAdapters(spec).to(device)
+        trainer = DistillationTrainer(adapters, settings)
+        if resume and os.path.exists(checkpoint_path):
+            trainer.resume(checkpoint_path, identity)
+            log.info("FastGuidance [agd]: resumed %s at step %d of %d", checkpoint_path, trainer.step, settings.steps)
+            progress.update(trainer.step)
+        patched = attach(model, None)
+        base_options = patched.model_options["transformer_options"]
+        base_model = patched.model
+
+        def predict(x, sigma, omega, prompt):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            outputs = torch.empty_like(x, device=device)
+            groups: dict[tuple, list[int]] = {}
+            for row, index in enumerate(prompt.tolist()):
+                groups.setdefault(tuple(conditioning[index]["c_crossattn"].shape), []).append(row)
+            for rows in groups.values():  # prompts of one token length run as one batch
+                chosen = [conditioning[i] for i in prompt[rows].tolist()]
+                x_rows, sigma_rows = x[rows].to(device), sigma[rows].to(device)
+                c_crossattn = torch.cat([c["c_crossattn"] for c in chosen]).to(device)
+                kwargs = {key: (torch.cat([c["kwargs"][key] for c in chosen]).to(device)
+                                if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == 1 else value)
+                          for key, value in chosen[0]["kwargs"].items()}
+                c_concat = chosen[0]["c_concat"]
+                if torch.is_tensor(c_concat):
+                    c_concat = torch.cat([c["c_concat"] for c in chosen]).to(device)
+                bound = bind_adapters(adapters, omega[rows], sigma_rows, c_crossattn, kwargs, None)
+                options = {**base_options, BOUND_KEY: bound, "cond_or_uncond": [0], "sigmas": sigma_rows}
+                options.pop("wrappers", None)
+                denoised = base_model.apply_model(x_rows, sigma_rows, c_concat=c_concat, c_crossattn=c_crossattn,
+                                                  transformer_options=options, **kwargs)
+                outputs[rows] = ((x_rows - denoised) / sigma_rows.reshape(-1, *([1] * (x.dim() - 1)))).float()
+            return outputs
+
+        def checkpoint(current: DistillationTrainer) -> None:
+            current.save(checkpoint_path, identity)
+
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        in_place_safe = saved_activations_copied() if is_dit(spec.attach_points) else contextlib.nullcontext()
+        with trainable_weights(base_model.diffusion_model) as copied, in_place_safe:
+            try:
+                train_on_store(trainer, store, predict, progress=lambda step, total, loss: progress.update(1),
+                               checkpoint=checkpoint, checkpoint_every=max(50, settings.steps // 10))
+            except comfy.model_management.InterruptProcessingException:
+                checkpoint(trainer)
+                log.info("FastGuidance [agd]: interrupted at step %d; checkpoint kept in %s (run again with resume on)",
+                         trainer.step, checkpoint_path)
+                raise
+    adapters.cpu().eval().requires_grad_(False)
+    memory = {"weights_copied_bytes": copied}
+    if torch.cuda.is_available():
+        memory["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+        memory["memory_note"] = f"peak GPU memory {format_bytes(memory['peak_gpu_bytes'])}"
+    else:
+        memory["peak_process_bytes"] = _peak_process_bytes()
+        memory["memory_note"] = f"peak process memory {format_bytes(memory['peak_process_bytes'])}"
+    return adapters, trainer, memory
+
+
+def _peak_process_bytes() -> int:
+    """Peak resident memory of the process (Unix: ru_maxrss; elsewhere the current size, via psutil)."""
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    except ImportError:  # Windows
+        import psutil
+
+        return psutil.Process().memory_info().rss

@@ -1,0 +1,248 @@
+"""AGD in the real host: train adapters on tiny real models (UNet and Flux), load them, one evaluation per step."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import FakeClip, counted, empty_pack_folder, ksampler, latent, make_conds, pack_module
+import host_models
+
+PROMPTS = "a red cube\nthree blue spheres on a table"
+TRAIN = dict(omega_min=1.0, omega_max=8.0, trajectories=2, steps=3, sampler_name="euler", scheduler="normal",
+             width=64, height=64, train_steps=6, batch=2, learning_rate=1e-3, kind="cross_attention", adapter_width=16,
+             seed=0, filename="tiny", overwrite=False, resume=True)
+
+
+@pytest.fixture()
+def adapter_folder(host, tmp_path, monkeypatch):
+    return empty_pack_folder(tmp_path, monkeypatch, "fastguidance_adapters")
+
+
+def train(host, model, clip=None, **changes):
+    settings = {**TRAIN, **changes}
+    node = host.node("FastGuidance_TrainGuidanceAdapter", "9")
+    return node.execute(model, clip or FakeClip(), PROMPTS, "", *settings.values())
+
+
+def load(host, model, name="tiny.safetensors", use_sampler_cfg=True, omega=5.0, strength=1.0, allow_other_model=False):
+    return host.node("FastGuidance_LoadGuidanceAdapter", "11").execute(model, name, use_sampler_cfg, omega, strength,
+                                                                       allow_other_model)[0]
+
+
+@pytest.fixture(scope="module")
+def loaded_model(host):
+    """The tiny UNet created under inference mode, as the host's loaders create models (inference tensors)."""
+    with torch.inference_mode():
+        return host_models.patcher(host_models.tiny_model(seed=0))
+
+
+@pytest.fixture()
+def trained(host, tiny_model, adapter_folder):
+    curve, report = train(host, tiny_model)
+    return adapter_folder / "tiny.safetensors", curve, report
+
+
+def test_attach_points_are_the_unets_cross_attention_outputs(host, tiny_model):
+    points = pack_module(host, "nodes.adapter_patch").attach_points(tiny_model)
+    assert points == {"input.1.0": 32, "input.3.0": 64, "middle.0.0": 64, "output.0.0": 64, "output.1.0": 64,
+                      "output.2.0": 32, "output.3.0": 32}
+
+
+def test_an_unsupported_architecture_is_refused_by_name(host, tiny_model):
+    model = tiny_model.clone()
+    model.model = type("Stub", (), {"diffusion_model": torch.nn.Linear(2, 2), "model_config": None})()
+    with pytest.raises(Exception, match="model.*Stub.*SD1.x, SD2.x and SDXL UNets.*Flux"):
+        pack_module(host, "nodes.adapter_patch").attach_points(model)
+
+
+def test_training_writes_a_file_with_its_metadata_and_a_loss_curve(host, tiny_model, trained):
+    path, curve, report = trained
+    assert curve.ndim == 4 and curve.shape[0] == 1 and curve.shape[-1] == 3
+    assert "tiny.safetensors" in report and "attach points" in report and "final loss" in report
+    adapters, metadata = pack_module(host, "fastguidance.adapters").load_adapters(path)
+    assert metadata["architecture"] == "SD15" and metadata["omega_range"] == [1.0, 8.0]
+    assert metadata["trajectory_examples"] == 2 * 3 and metadata["train_steps"] == 6
+    assert len(metadata["loss_every_50"]) == 1 and metadata["final_loss"] > 0
+    assert metadata["model_fingerprint"] == pack_module(host, "nodes.model_identity").model_fingerprint(tiny_model)
+    assert set(adapters.spec.attach_points) == {"input.1.0", "input.3.0", "middle.0.0", "output.0.0", "output.1.0",
+                                                "output.2.0", "output.3.0"}
+    assert not (path.parent / "tiny.checkpoint").exists()
+    # the base model collected no gradients and keeps its flags
+    assert all(p.grad is None and p.requires_grad for p in tiny_model.model.diffusion_model.parameters())
+    with pytest.raises(Exception, match="filename.*already exists"):
+        train(host, tiny_model)
+
+
+def test_training_flows_through_a_model_loaded_under_inference_mode(host, loaded_model, adapter_folder):
+    parameters = dict(loaded_model.model.diffusion_model.named_parameters())
+    assert all(p.is_inference() for p in parameters.values())
+    before = {name: p.clone() for name, p in parameters.items()}
+    with torch.inference_mode():  # how the executor runs nodes
+        train(host, loaded_model)
+    after = dict(loaded_model.model.diffusion_model.named_parameters())
+    assert all(after[name] is parameters[name] and torch.equal(after[name], before[name]) for name in parameters)
+    assert (adapter_folder / "tiny.safetensors").exists()
+
+
+def test_trainer_validates_its_inputs(host):
+    node = host.node("FastGuidance_TrainGuidanceAdapter")
+    assert "prompts" in node.validate_inputs(prompts=" \n")
+    assert "filename" in node.validate_inputs(filename="a/b")
+    assert "omega_min" in node.validate_inputs(omega_min=9.0, omega_max=2.0)
+    assert "adapter_width" in node.validate_inputs(adapter_width=30, kind="cross_attention")
+    assert node.validate_inputs(prompts="a cat", filename="x", omega_min=1.0, omega_max=8.0, adapter_width=32,
+                                kind="cross_attention") is True
+
+
+def test_an_interrupted_training_keeps_a_checkpoint_and_resumes_from_it(host, tiny_model, adapter_folder, monkeypatch):
+    import comfy.model_management
+
+    trainer_core = pack_module(host, "fastguidance.adapter_training")
+    original_step = trainer_core.DistillationTrainer.train_step
+
+    def interrupt_at_step_4(self, loss_of):
+        if self.step == 4:
+            raise comfy.model_management.InterruptProcessingException()
+        return original_step(self, loss_of)
+
+    monkeypatch.setattr(trainer_core.DistillationTrainer, "train_step", interrupt_at_step_4)
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        train(host, tiny_model)
+    checkpoint = adapter_folder / "tiny.checkpoint"
+    assert checkpoint.exists() and not (adapter_folder / "tiny.safetensors").exists()
+    with pytest.raises(Exception, match="resume.*interrupted training"):
+        train(host, tiny_model, resume=False)
+    monkeypatch.setattr(trainer_core.DistillationTrainer, "train_step", original_step)
+    steps_run = []
+    monkeypatch.setattr(trainer_core.DistillationTrainer, "train_step",
+                        lambda self, loss_of: steps_run.append(self.step) or original_step(self, loss_of))
+    train(host, tiny_model)
+    assert steps_run == [4, 5] and not checkpoint.exists()
+    _, metadata = pack_module(host, "fastguidance.adapters").load_adapters(adapter_folder / "tiny.safetensors")
+    assert len(json.loads(json.dumps(metadata["loss_every_50"]))) == 1
+
+
+def test_loaded_adapters_cost_one_evaluation_per_step_with_ksampler(host, tiny_model, trained, runs):
+    model = load(host, tiny_model)
+    clone, counter = counted(model)
+    positive, negative = make_conds()
+    ksampler(host, clone, positive, negative, cfg=6.0, steps=10)
+    assert counter.cond_passes == 10 and counter.uncond_passes == 0
+    summary = runs[-1].summary()
+    assert (summary.calls, summary.evaluations, summary.speedup) == (10, 10, 2.0)
+    assert runs[-1].to_dict()["records"][0]["actions"] == ["adapter"]
+
+
+def test_loaded_adapters_work_with_sampler_custom_advanced(host, tiny_model, trained):
+    model = load(host, tiny_model)
+    clone, counter = counted(model)
+    positive, negative = make_conds()
+    guider = host.call("CFGGuider", clone, positive, negative, 6.0)[0]
+    sampler = host.call("KSamplerSelect", "euler")[0]
+    sigmas = host.call("BasicScheduler", clone, "normal", 6, 1.0)[0]
+    noise = host.call("RandomNoise", 3)[0]
+    host.call("SamplerCustomAdvanced", noise, guider, sampler, sigmas, latent())
+    assert counter.cond_passes == 6 and counter.uncond_passes == 0
+
+
+def test_zero_strength_gives_exactly_the_unguided_result(host, tiny_model, trained):
+    positive, negative = make_conds()
+    unguided = ksampler(host, tiny_model, positive, negative, cfg=1.0, steps=6)
+    off = ksampler(host, load(host, tiny_model, strength=0.0), positive, negative, cfg=6.0, steps=6)
+    assert (off - unguided).abs().max().item() == 0.0
+    on = ksampler(host, load(host, tiny_model), positive, negative, cfg=6.0, steps=6)
+    assert (on - unguided).abs().max().item() > 0.0
+
+
+def test_guidance_scale_comes_from_the_sampler_or_from_the_node(host, tiny_model, trained):
+    positive, negative = make_conds()
+    from_cfg = load(host, tiny_model)
+    assert not torch.equal(ksampler(host, from_cfg, positive, negative, cfg=2.0, steps=4),
+                           ksampler(host, from_cfg, positive, negative, cfg=7.0, steps=4))
+    fixed = load(host, tiny_model, use_sampler_cfg=False, omega=4.0)
+    assert torch.equal(ksampler(host, fixed, positive, negative, cfg=2.0, steps=4),
+                       ksampler(host, fixed, positive, negative, cfg=7.0, steps=4))
+    assert torch.equal(ksampler(host, fixed, positive, negative, cfg=7.0, steps=4),
+                       ksampler(host, from_cfg, positive, negative, cfg=4.0, steps=4))
+
+
+def test_adapter_weights_live_in_their_own_model_patcher_shared_by_clones(host, tiny_model, trained):
+    import comfy.model_patcher
+
+    model = load(host, tiny_model)
+    weights = model.model_patches_models()
+    assert len(weights) == 1 and isinstance(weights[0], comfy.model_patcher.ModelPatcher)
+    assert isinstance(weights[0].model, pack_module(host, "fastguidance.adapters").GuidanceAdapters)
+    assert model.clone().model_patches_models()[0] is weights[0]  # cloning does not copy the adapters
+    with pytest.raises(Exception, match="already has guidance adapters"):
+        load(host, model)
+
+
+def test_adapters_of_another_model_or_architecture_are_refused(host, tiny_model, trained, caplog):
+    path = trained[0]
+    adapters_module = pack_module(host, "fastguidance.adapters")
+    adapters, metadata = adapters_module.load_adapters(path)
+    other = host_models.patcher(host_models.tiny_model(seed=5))
+    with pytest.raises(Exception, match="trained on another SD15 model.*allow_other_model"):
+        load(host, other)
+    assert load(host, other, allow_other_model=True) is not None
+    assert "trained on another SD15 model" in caplog.text
+    adapters_module.save_adapters(adapters, path.parent / "sdxl.safetensors", {**metadata, "architecture": "SDXL"})
+    with pytest.raises(Exception, match="trained for a SDXL model and this model is SD15"):
+        load(host, tiny_model, "sdxl.safetensors")
+    spec = dict(adapters.spec.to_dict(), attach_points={"input.1.0": 32})
+    fewer = adapters_module.GuidanceAdapters(adapters_module.AdapterSpec(**spec))
+    adapters_module.save_adapters(fewer, path.parent / "fewer.safetensors", metadata)
+    with pytest.raises(Exception, match="other attach points"):
+        load(host, tiny_model, "fewer.safetensors")
+
+
+FLUX_CONFIG = {"image_model": "flux", "in_channels": 16, "patch_size": 2, "out_channels": 16, "vec_in_dim": 16,
+               "context_in_dim": 64, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 2,
+               "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 10000, "qkv_bias": True,
+               "guidance_embed": False}
+
+
+class FluxClip(FakeClip):
+    """Tokens of width 64 and a pooled vector of width 16 (Flux's ``y``)."""
+
+    def encode_from_tokens_scheduled(self, text):
+        [[tokens, _]] = super().encode_from_tokens_scheduled(text)
+        generator = torch.Generator().manual_seed(len(text))
+        return [[tokens[:, :16], {"pooled_output": torch.randn(1, 16, generator=generator)}]]
+
+
+@pytest.fixture(scope="module")
+def flux_model(host):
+    import comfy.supported_models
+
+    model = comfy.supported_models.Flux(dict(FLUX_CONFIG)).get_model({})
+    host_models.seeded_weights(model, 0, attn2_std=0.1, std=0.05)
+    return host_models.patcher(model)
+
+
+def test_a_flux_dit_trains_and_runs_with_adapters_after_its_double_blocks(host, flux_model, adapter_folder):
+    import comfy.sample
+
+    points = pack_module(host, "nodes.adapter_patch").attach_points(flux_model)
+    assert points == {"double_block.0": 64, "double_block.1": 64}
+    train(host, flux_model, FluxClip(), kind="offset", scheduler="simple")
+    adapters, metadata = pack_module(host, "fastguidance.adapters").load_adapters(adapter_folder / "tiny.safetensors")
+    assert metadata["architecture"] == "Flux" and adapters.spec.pooled_dim == 16 and adapters.spec.kind == "offset"
+    clip = FluxClip()
+    positive, negative = clip.encode_from_tokens_scheduled("a red cube"), clip.encode_from_tokens_scheduled("")
+    empty = torch.zeros(1, 16, 8, 8)
+
+    def sample(model, cfg):
+        return comfy.sample.sample(model, torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0)), 4, cfg,
+                                   "euler", "simple", positive, negative, empty, disable_pbar=True, seed=0)
+
+    clone, counter = counted(load(host, flux_model))
+    guided = sample(clone, 4.0)
+    assert counter.cond_passes == 4 and counter.uncond_passes == 0
+    unguided = sample(flux_model, 1.0)
+    assert (sample(load(host, flux_model, strength=0.0), 4.0) - unguided).abs().max().item() == 0.0
+    assert (guided - unguided).abs().max().item() > 0.0
