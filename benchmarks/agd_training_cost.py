@@ -7,7 +7,7 @@ Run with ComfyUI's Python environment (numbers go to the README):
 The full-size SD1.5 and SDXL UNets are built with ComfyUI's own classes (nothing is downloaded) and
 the adapters attached through the pack's own host glue (``nodes/adapter_patch.py``). Measured:
 
-1. parameter counts of the UNet and of the adapters (cross-attention kind, width 64);
+1. parameter counts of the UNet and of the adapters (cross-attention kind, the node's default width 160);
 2. the activation memory one training example needs: the bytes autograd saves for backward in one
    adapted forward pass (counted with ``saved_tensors_hooks``, model in fp16 on the ``meta`` device,
    so SDXL at 1024² is measured without allocating it);
@@ -37,6 +37,7 @@ sys.path.insert(0, str(PACK_DIR / "tests" / "comfy"))
 import host_models  # noqa: E402
 
 GB = 1 << 30
+WIDTH = 160  # Train Guidance Adapter's default adapter_width
 SD15 = {"in_channels": 4, "out_channels": 4, "model_channels": 320, "num_res_blocks": [2, 2, 2, 2],
         "channel_mult": [1, 2, 4, 4], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
         "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "transformer_depth_middle": 1,
@@ -47,7 +48,7 @@ SDXL = {"in_channels": 4, "out_channels": 4, "model_channels": 320, "num_res_blo
         "channel_mult": [1, 2, 4], "transformer_depth": [0, 0, 2, 2, 10, 10],
         "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "transformer_depth_middle": 10,
         "context_dim": 2048, "num_heads": -1, "num_head_channels": 64, "use_linear_in_transformer": True,
-        "adm_in_channels": 2816, "use_spatial_transformer": True, "legacy": False, "image_size": 32,
+        "adm_in_channels": 2816, "num_classes": "sequential", "use_spatial_transformer": True, "legacy": False, "image_size": 32,
         "use_temporal_attention": False, "use_temporal_resblock": False}
 #: name → (host class, UNet config, latent side, token width, y width or None)
 MODELS = {"SD1.5 512²": ("SD15", SD15, 64, 768, None), "SDXL 1024²": ("SDXL", SDXL, 128, 2048, 2816)}
@@ -70,6 +71,9 @@ def adapted_forward(glue, patched, adapters, side: int, tokens_dim: int, y_dim: 
     options = {**patched.model_options["transformer_options"], glue.BOUND_KEY: bound, "cond_or_uncond": [0],
                "sigmas": sigma}
     options.pop("wrappers", None)
+    if device == "meta":  # the noise schedule has no meta values: call the UNet itself, as apply_model would
+        return patched.model.diffusion_model(x.to(dtype), sigma.to(dtype), context=tokens, transformer_options=options,
+                                             **kwargs)
     return patched.model.apply_model(x, sigma, c_crossattn=tokens, transformer_options=options, **kwargs)
 
 
@@ -78,14 +82,19 @@ def measure_memory(glue, adapters_module, name: str) -> dict:
     host_class, config, side, tokens_dim, y_dim = MODELS[name]
     model = build(host_class, config, torch.float16, "meta")
     points = glue.attach_points(model)
-    spec = adapters_module.AdapterSpec(points, tokens_dim, y_dim or tokens_dim, "cross_attention", 64)
+    spec = adapters_module.AdapterSpec(points, tokens_dim, y_dim or tokens_dim, "cross_attention", WIDTH)
     adapters = adapters_module.GuidanceAdapters(spec).to("meta")
     patched = glue.attach(model, None)
-    saved = []
+    saved, attention_maps = [], []
 
     def pack(tensor):
         if not isinstance(tensor, torch.nn.Parameter):
-            saved.append(tensor.numel() * tensor.element_size())
+            size = tensor.numel() * tensor.element_size()
+            saved.append(size)
+            # [B, heads, L, L] attention probabilities: saved by SDPA's math kernel (what runs on the meta
+            # device), not by the flash / memory-efficient kernels GPUs use
+            if tensor.dim() == 4 and tensor.shape[-1] == tensor.shape[-2] >= 256:
+                attention_maps.append(size)
         return tensor
 
     model.model.diffusion_model.requires_grad_(False)
@@ -93,7 +102,8 @@ def measure_memory(glue, adapters_module, name: str) -> dict:
         adapted_forward(glue, patched, adapters, side, tokens_dim, y_dim, "meta", torch.float16)
     base = sum(p.numel() for p in model.model.diffusion_model.parameters())
     return {"base_parameters": base, "adapter_parameters": adapters.count_parameters(), "attach_points": len(points),
-            "saved_activation_bytes_per_example": sum(saved)}
+            "saved_activation_bytes_per_example": sum(saved) - sum(attention_maps),
+            "saved_attention_map_bytes_per_example": sum(attention_maps)}
 
 
 def measure_cpu_times(glue, adapters_module, repeats: int) -> dict:
@@ -103,7 +113,7 @@ def measure_cpu_times(glue, adapters_module, repeats: int) -> dict:
     host_models.seeded_weights(model.model, 0, attn2_std=0.02, std=0.02)
     model.model.diffusion_model.requires_grad_(False)
     adapters = adapters_module.GuidanceAdapters(
-        adapters_module.AdapterSpec(glue.attach_points(model), tokens_dim, tokens_dim, "cross_attention", 64))
+        adapters_module.AdapterSpec(glue.attach_points(model), tokens_dim, tokens_dim, "cross_attention", WIDTH))
     patched = glue.attach(model, None)
     optimizer = torch.optim.AdamW(adapters.parameters(), lr=1e-4)
     x = torch.randn(1, 4, side, side)
@@ -147,7 +157,7 @@ def gpu_estimate(memory: dict, batch: int) -> dict:
     """Memory of training on a GPU with fp16 weights (see the module docstring)."""
     weights = 2 * memory["base_parameters"]
     adapters = 4 * 4 * memory["adapter_parameters"]  # weights, gradients, two AdamW moments, fp32
-    activations = batch * memory["saved_activation_bytes_per_example"]
+    activations = batch * memory["saved_activation_bytes_per_example"]  # flash / memory-efficient attention
     total = 2 * weights + adapters + activations
     per_example = memory["saved_activation_bytes_per_example"]
     fits = max(0, int((24 * GB * 0.9 - 2 * weights - adapters) // per_example))  # 10% for workspace
@@ -162,11 +172,16 @@ def main() -> None:
     parser.add_argument("--skip-cpu", action="store_true", help="only the memory measurements (fast)")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     args = parser.parse_args()
+    host_models.import_comfy(os.environ["COMFYUI_PATH"])
+    from comfy.cli_args import args as host_args
+
+    host_args.use_pytorch_cross_attention = True  # what GPUs run (torch's SDPA), not the CPU's sub-quadratic default
     nodes, pack_module = host_models.load_pack(os.environ["COMFYUI_PATH"], PACK_DIR)
     glue = sys.modules[pack_module + ".nodes.adapter_patch"]
     adapters_module = sys.modules[pack_module + ".fastguidance.adapters"]
     results = {}
     for name in MODELS:
+        print(f"measuring {name}", file=sys.stderr)
         memory = measure_memory(glue, adapters_module, name)
         results[name] = {"measured": memory, "gpu_estimate": gpu_estimate(memory, args.batch)}
     if not args.skip_cpu:

@@ -68,7 +68,8 @@ class TrajectoryStore:
         shape = (capacity, *self.sample_shape)
         if self.on_disk:
             if directory is None:
-                self._directory = tempfile.TemporaryDirectory(prefix="fastguidance_trajectories_")
+                self._directory = tempfile.TemporaryDirectory(prefix="fastguidance_trajectories_",
+                                                              ignore_cleanup_errors=True)
                 directory = self._directory.name
             self.x = np.lib.format.open_memmap(os.path.join(directory, "x.npy"), "w+", np.float16, shape)
             self.target = np.lib.format.open_memmap(os.path.join(directory, "target.npy"), "w+", np.float16, shape)
@@ -117,7 +118,7 @@ class TrajectoryStore:
     def close(self) -> None:
         self.x = self.target = None
         if self._directory is not None:
-            self._directory.cleanup()
+            self._directory.cleanup()  # the memmaps were dropped above (Windows cannot delete open files)
             self._directory = None
 
 
@@ -156,6 +157,8 @@ class DistillationTrainer:
     settings: TrainingSettings
     step: int = 0
     losses: list[float] = field(default_factory=list)
+    #: a ``torch.amp.GradScaler`` where gradients flow through fp16 activations (else None)
+    scaler: Any = None
 
     def __post_init__(self):
         self.optimizer = torch.optim.AdamW(self.adapters.parameters(), lr=self.settings.learning_rate,
@@ -178,8 +181,13 @@ class DistillationTrainer:
             group["lr"] = self.settings.learning_rate_at(self.step)
         self.optimizer.zero_grad(set_to_none=True)
         loss = loss_of()
-        loss.backward()
-        self.optimizer.step()
+        if self.scaler is None:
+            loss.backward()
+            self.optimizer.step()
+        else:  # scaled loss; a step whose gradients overflowed is skipped and the scale lowered
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.step += 1
         self.losses.append(float(loss.detach()))
         return self.losses[-1]

@@ -49,7 +49,8 @@ def attach_points(model: Any) -> dict[str, int]:
     """Attach point name → channels of the host model, or an error naming an unsupported architecture."""
     diffusion_model = model.model.diffusion_model
     points: dict[str, int] = {}
-    if hasattr(diffusion_model, "input_blocks") and hasattr(diffusion_model, "output_blocks"):
+    video = any(hasattr(module, "time_stack") for module in diffusion_model.modules())  # SVD: names would collide
+    if hasattr(diffusion_model, "input_blocks") and hasattr(diffusion_model, "output_blocks") and not video:
         middle = [diffusion_model.middle_block] if getattr(diffusion_model, "middle_block", None) is not None else []
         for kind, blocks in (("input", diffusion_model.input_blocks), ("middle", middle),
                              ("output", diffusion_model.output_blocks)):
@@ -154,8 +155,7 @@ def install_adapters(model: Any, adapters: GuidanceAdapters, omega: float | None
     if has_adapters(model):
         raise InvalidInputError("model", "already has guidance adapters",
                                 "connect the model before its first Load Guidance Adapter node")
-    weights = comfy.model_patcher.ModelPatcher(adapters, load_device=comfy.model_management.get_torch_device(),
-                                               offload_device=comfy.model_management.unet_offload_device())
+    weights = comfy.model_patcher.ModelPatcher(adapters, load_device=model.load_device, offload_device=model.offload_device)
     patched = attach(model, weights)
     patched.model_options["transformer_options"][SETTINGS_KEY] = AdapterSettings(weights, omega, strength, omega_range)
     patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)
@@ -171,9 +171,9 @@ def adapter_outer_sample(executor, *args, **kwargs):
         return executor(*args, **kwargs)
     cfg = getattr(guider, "cfg", None)
     if cfg is None:
-        log.warning("FastGuidance [agd]: the guider %s has no cfg; set the guidance scale on Load Guidance Adapter "
-                    "(use_sampler_cfg off). The adapters are off for this run.", type(guider).__name__)
-        return executor(*args, **kwargs)
+        raise InvalidInputError("use_sampler_cfg", True, f"the guider {type(guider).__name__} has no cfg (BasicGuider, "
+                                "as Flux workflows use): turn off use_sampler_cfg on Load Guidance Adapter and set "
+                                "guidance_scale")
     warn_outside_range(float(cfg), settings.omega_range)
     original = guider.model_options
     guider.model_options = comfy.model_patcher.create_model_options_clone(original)
@@ -224,6 +224,10 @@ def adapter_apply_model(executor, x, t, c_concat=None, c_crossattn=None, control
     if not bool(row_scale.any()):  # an uncond-only call: the plain model
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
     adapters: GuidanceAdapters = settings.weights.model
+    if next(adapters.parameters()).device != x.device:
+        # the host loads the adapters with the model (patches' models()); a partial load can leave a plain
+        # module behind: follow the data rather than fail on a device mismatch
+        adapters.to(x.device)
     bound = bind_adapters(adapters, omega, t, c_crossattn, kwargs, None if bool((row_scale == 1).all()) else row_scale)
     return executor(x, t, c_concat, c_crossattn, control, {**transformer_options, BOUND_KEY: bound}, **kwargs)
 
@@ -242,21 +246,21 @@ def trainable_weights(module: torch.nn.Module) -> Iterator[int]:
     swapped: list[tuple[dict, str, torch.Tensor]] = []
     frozen: list[torch.nn.Parameter] = []
     copied = 0
-    with torch.inference_mode(False):
-        for submodule in module.modules():
-            for is_parameter, table in ((True, submodule._parameters), (False, submodule._buffers)):
-                for name, tensor in list(table.items()):
-                    if tensor is None:
-                        continue
-                    if tensor.is_inference():
-                        swapped.append((table, name, tensor))
-                        copy = tensor.detach().clone()
-                        table[name] = torch.nn.Parameter(copy, requires_grad=False) if is_parameter else copy
-                        copied += copy.numel() * copy.element_size()
-                    elif is_parameter and tensor.requires_grad:
-                        tensor.requires_grad_(False)
-                        frozen.append(tensor)
-    try:
+    try:  # restore whatever was swapped, also when a copy fails half-way (out of memory)
+        with torch.inference_mode(False):
+            for submodule in module.modules():
+                for is_parameter, table in ((True, submodule._parameters), (False, submodule._buffers)):
+                    for name, tensor in list(table.items()):
+                        if tensor is None:
+                            continue
+                        if tensor.is_inference():
+                            copy = tensor.detach().clone()
+                            swapped.append((table, name, tensor))
+                            table[name] = torch.nn.Parameter(copy, requires_grad=False) if is_parameter else copy
+                            copied += copy.numel() * copy.element_size()
+                        elif is_parameter and tensor.requires_grad:
+                            tensor.requires_grad_(False)
+                            frozen.append(tensor)
         yield copied
     finally:
         for table, name, tensor in swapped:
@@ -267,6 +271,14 @@ def trainable_weights(module: torch.nn.Module) -> Iterator[int]:
 
 def _copy_unless_parameter(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if isinstance(tensor, torch.nn.Parameter) else tensor.clone()
+
+
+def differentiable_attention(func, *args, **kwargs):
+    """``optimized_attention_override`` for training: torch's SDPA, which has a backward pass (some
+    optimised kernels a user may have enabled, such as SageAttention, do not)."""
+    import comfy.ldm.modules.attention
+
+    return comfy.ldm.modules.attention.attention_pytorch(*args, **kwargs)
 
 
 def saved_activations_copied() -> contextlib.AbstractContextManager:

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import random
+import sys
 import time
 from typing import Any
 
@@ -22,8 +23,8 @@ from ..fastguidance.adapter_training import (DistillationTrainer, TrainingSettin
 from ..fastguidance.adapters import ADAPTER_KINDS, AdapterSpec, GuidanceAdapters, load_adapters, save_adapters
 from ..fastguidance.errors import FastGuidanceError, InvalidInputError
 from . import model_folders
-from .adapter_patch import (BOUND_KEY, attach, attach_points, bind_adapters, has_adapters, install_adapters, is_dit,
-                            saved_activations_copied, trainable_weights, warn_outside_range)
+from .adapter_patch import (BOUND_KEY, attach, attach_points, bind_adapters, differentiable_attention, has_adapters,
+                            install_adapters, is_dit, saved_activations_copied, trainable_weights, warn_outside_range)
 from .curve_image import curve_image
 from .model_identity import model_architecture, model_fingerprint
 
@@ -155,7 +156,7 @@ class TrainGuidanceAdapterNode(io.ComfyNode):
                                 tooltip="Training prompts, one per line: dozens of the kinds you use (more prompts "
                                         "generalise better)."),
                 io.String.Input("negative", multiline=True, default="",
-                                tooltip="The negative prompt the adapters learn to imply (CFG's uncond)."),
+                                tooltip="The negative prompt the adapters learn to imply, so it need not be evaluated when sampling."),
                 io.Float.Input("omega_min", default=1.0, min=0.0, max=30.0, step=0.1,
                                tooltip="Lowest guidance scale ω of the training trajectories."),
                 io.Float.Input("omega_max", default=8.0, min=0.0, max=30.0, step=0.1,
@@ -182,8 +183,9 @@ class TrainGuidanceAdapterNode(io.ComfyNode):
                                tooltip="cross_attention: attends to the prompt tokens (the paper's choice for "
                                        "text-to-image models). offset: one learned offset per block (smaller; the "
                                        "paper's choice for class-conditional DiTs)."),
-                io.Int.Input("adapter_width", default=64, min=8, max=1024, step=4,
-                             tooltip="Hidden width of each adapter (a multiple of 4). Larger = more parameters."),
+                io.Int.Input("adapter_width", default=160, min=8, max=1024, step=4,
+                             tooltip="Hidden width of each adapter (a multiple of 4). 160 gives about 1% of SD1.5's "
+                                     "parameters and 3% of SDXL's (the paper: 1–5%); larger = more to learn with."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seeds the trajectories' noise and ω, the initialisation and the batches."),
                 io.String.Input("filename", default="guidance_adapter",
@@ -310,47 +312,55 @@ def _record_trajectories(model, clip, lines: list[str], negative: str, omega_ran
     empty = torch.zeros(1, *sample_shape)
     store: TrajectoryStore | None = None
     dropped = 0
-    for index in range(trajectories):
+
+    def callback(step, x0, x, total_steps):
         comfy.model_management.throw_exception_if_processing_interrupted()
-        prompt = index % len(lines)
-        omega = rng.uniform(*omega_range)
-        recorder = _Recorder()
-        recording = model.clone()
-        recording.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "fastguidance_record",
-                                       recorder.apply_model)
-        recording.set_model_sampler_post_cfg_function(recorder.post_cfg)
+        progress.update(1)
 
-        def callback(step, x0, x, total_steps):
+    try:
+        for index in range(trajectories):
             comfy.model_management.throw_exception_if_processing_interrupted()
-            progress.update(1)
-
-        noise = comfy.sample.prepare_noise(empty, seed + index)
-        comfy.sample.sample(recording, noise, steps, omega, sampler_name, scheduler, conds[prompt], negative_cond,
-                            empty, callback=callback, disable_pbar=True, seed=seed + index)
-        if recorder.conditioning is None or not recorder.examples:
-            raise FastGuidanceError("the sampler never called the model with the prompt: nothing to record")
-        if conditioning[prompt] is None:
-            conditioning[prompt] = recorder.conditioning
-        if store is None:  # the first trajectory tells how many model calls a trajectory makes
-            store = TrajectoryStore(trajectories * len(recorder.examples), sample_shape)
-        for x, sigma, target in recorder.examples:
-            if store.append(x, sigma, omega, prompt, target) < x.shape[0]:
-                dropped += 1
+            prompt = index % len(lines)
+            omega = rng.uniform(*omega_range)
+            recorder = _Recorder()
+            recording = model.clone()
+            recording.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "fastguidance_record",
+                                           recorder.apply_model)
+            recording.set_model_sampler_post_cfg_function(recorder.post_cfg)
+            noise = comfy.sample.prepare_noise(empty, seed + index)
+            comfy.sample.sample(recording, noise, steps, omega, sampler_name, scheduler, conds[prompt], negative_cond,
+                                empty, callback=callback, disable_pbar=True, seed=seed + index)
+            if recorder.conditioning is None or not recorder.examples:
+                raise FastGuidanceError("the sampler never called the model with the prompt: nothing to record")
+            if conditioning[prompt] is None:
+                conditioning[prompt] = recorder.conditioning
+            if store is None:  # the first trajectory tells how many model calls a trajectory makes
+                store = TrajectoryStore(trajectories * len(recorder.examples), sample_shape)
+            for x, sigma, target in recorder.examples:
+                if store.append(x, sigma, omega, prompt, target) < x.shape[0]:
+                    dropped += 1
+    except BaseException:  # interrupted or failed: no temporary trajectory files are left behind
+        if store is not None:
+            store.close()
+        raise
     if dropped:
         log.warning("FastGuidance [agd]: %d model calls beyond the first trajectory's count were not stored "
                     "(an adaptive sampler makes a varying number of calls)", dropped)
-    return [c for c in conditioning], store
+    return conditioning, store
 
 
 def _train(model, spec: AdapterSpec, settings: TrainingSettings, store: TrajectoryStore, conditioning: list[dict],
            checkpoint_path: str, identity: dict, resume: bool, progress) -> tuple[GuidanceAdapters, DistillationTrainer, dict]:
     """Distil the stored trajectories into new adapters; checkpoints on interruption and every tenth of the run."""
-    comfy.model_management.load_models_gpu([model])
+    # the whole model on the device and everything else (text encoder, VAE) off it, as the host's own trainer does
+    comfy.model_management.load_models_gpu([model], memory_required=1e20, force_full_load=True)
     device = model.load_device
     with torch.inference_mode(False), torch.enable_grad():
         torch.manual_seed(settings.seed)
         adapters = GuidanceAdapters(spec).to(device)
-        trainer = DistillationTrainer(adapters, settings)
+        # fp16 models: the loss is scaled so that gradients flowing back through fp16 activations do not underflow
+        half = base_dtype(model) == torch.float16 and device.type == "cuda"
+        trainer = DistillationTrainer(adapters, settings, scaler=torch.amp.GradScaler("cuda") if half else None)
         if resume and os.path.exists(checkpoint_path):
             trainer.resume(checkpoint_path, identity)
             log.info("FastGuidance [agd]: resumed %s at step %d of %d", checkpoint_path, trainer.step, settings.steps)
@@ -376,8 +386,8 @@ def _train(model, spec: AdapterSpec, settings: TrainingSettings, store: Trajecto
                 if torch.is_tensor(c_concat):
                     c_concat = torch.cat([c["c_concat"] for c in chosen]).to(device)
                 bound = bind_adapters(adapters, omega[rows], sigma_rows, c_crossattn, kwargs, None)
-                options = {**base_options, BOUND_KEY: bound, "cond_or_uncond": [0], "sigmas": sigma_rows}
-                options.pop("wrappers", None)
+                options = {**base_options, BOUND_KEY: bound, "cond_or_uncond": [0], "sigmas": sigma_rows,
+                           "optimized_attention_override": differentiable_attention}
                 denoised = base_model.apply_model(x_rows, sigma_rows, c_concat=c_concat, c_crossattn=c_crossattn,
                                                   transformer_options=options, **kwargs)
                 outputs[rows] = ((x_rows - denoised) / sigma_rows.reshape(-1, *([1] * (x.dim() - 1)))).float()
@@ -398,10 +408,15 @@ def _train(model, spec: AdapterSpec, settings: TrainingSettings, store: Trajecto
                 log.info("FastGuidance [agd]: interrupted at step %d; checkpoint kept in %s (run again with resume on)",
                          trainer.step, checkpoint_path)
                 raise
+            except torch.cuda.OutOfMemoryError:
+                checkpoint(trainer)
+                raise InvalidInputError("batch", settings.batch, f"training ran out of GPU memory at step {trainer.step}: "
+                                        "lower batch (or width and height), then run again with resume on "
+                                        f"(checkpoint kept in {checkpoint_path})") from None
     adapters.cpu().eval().requires_grad_(False)
     memory = {"weights_copied_bytes": copied}
-    if torch.cuda.is_available():
-        memory["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+    if device.type == "cuda":
+        memory["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)
         memory["memory_note"] = f"peak GPU memory {format_bytes(memory['peak_gpu_bytes'])}"
     else:
         memory["peak_process_bytes"] = _peak_process_bytes()
@@ -409,12 +424,18 @@ def _train(model, spec: AdapterSpec, settings: TrainingSettings, store: Trajecto
     return adapters, trainer, memory
 
 
+def base_dtype(model) -> torch.dtype:
+    """The dtype the model computes in (its manual-cast dtype where weights are stored in another)."""
+    return getattr(model.model, "manual_cast_dtype", None) or model.model.get_dtype()
+
+
 def _peak_process_bytes() -> int:
     """Peak resident memory of the process (Unix: ru_maxrss; elsewhere the current size, via psutil)."""
     try:
         import resource
 
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, kB elsewhere
     except ImportError:  # Windows
         import psutil
 

@@ -67,7 +67,7 @@ class LinearAGCalibrateNode(io.ComfyNode):
                                tooltip="The scheduler you will use LinearAG with."),
                 io.Int.Input("steps", default=20, min=2, max=1000, tooltip="The step count you will use LinearAG with."),
                 io.Float.Input("cfg", default=7.0, min=1.01, max=100.0, step=0.1, round=0.01,
-                               tooltip="The CFG scale you will use (must be above 1: there is no uncond to learn at 1)."),
+                               tooltip="The CFG scale you will use (above 1: at 1 the negative prompt is not evaluated, so there is nothing to learn)."),
                 io.Int.Input("window", default=2, min=1, max=MAX_WINDOW,
                              tooltip="How many past model calls the regression reads (their prompt and negative "
                                      "predictions). 2 is a good start; more fits better but needs more paths."),
@@ -155,7 +155,7 @@ class LinearAGNode(io.ComfyNode):
                                  tooltip="Allow a file calibrated for another schedule or step count, picking "
                                          "coefficients by noise level. Off: such a file is refused."),
             ],
-            outputs=[io.Model.Output(tooltip="The same model, with the uncond estimated on the chosen steps.")],
+            outputs=[io.Model.Output(tooltip="The same model, with the negative-prompt prediction estimated on the chosen steps.")],
             hidden=[io.Hidden.unique_id],
         )
 

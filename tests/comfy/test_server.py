@@ -137,6 +137,15 @@ def test_pack_imports_from_custom_nodes(server):
             "IMPORT FAILED" in line and "fgtest_conditioning" in line for line in log.splitlines())
 
 
+def test_every_node_has_its_help_page_where_the_frontend_looks(server, object_info):
+    """Frontend 1.27.10 fetches /extensions/<pack>/docs/<node>.md for a custom node's help panel."""
+    with server.explain():
+        for node_id in sorted(name for name in object_info if name.startswith("FastGuidance_")):
+            response = server.request(f"/extensions/{PACK_FOLDER}/docs/{node_id}.md")
+            assert response.status == 200, f"no help page for {node_id}: {response.status}"
+            assert response.body == (PACK_DIR / "js" / "docs" / f"{node_id}.md").read_text(encoding="utf-8")
+
+
 def test_object_info_lists_nodes_with_categories_descriptions_tooltips(server, object_info):
     with server.explain():
         defined = pack_node_ids()
