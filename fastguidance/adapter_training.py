@@ -163,7 +163,6 @@ class DistillationTrainer:
     def __post_init__(self):
         self.optimizer = torch.optim.AdamW(self.adapters.parameters(), lr=self.settings.learning_rate,
                                            weight_decay=self.settings.weight_decay)
-        self.generator = torch.Generator().manual_seed(self.settings.seed)
 
     @property
     def done(self) -> bool:

@@ -17,6 +17,12 @@ def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch
     return uncond + (cond - uncond) * scale
 
 
+def noise_of(x: torch.Tensor, denoised: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """``(x − D)/σ`` per sample: a denoised prediction as noise (ε for EPS models, velocity for flow models),
+    the scale on which predictions at different noise levels are comparable."""
+    return (x - denoised) / sigma.reshape(-1, *([1] * (x.dim() - 1)))
+
+
 def per_sample_cosine(x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """Per-sample cosine ``γ = cos(x − c, x − u)`` in fp32, shape ``[B]``.
 

@@ -190,16 +190,16 @@ def warn_outside_range(omega: float, omega_range: tuple[float, float] | None) ->
                     "(%.2f–%.2f); expect results unlike CFG", omega, *omega_range)
 
 
-def conditional_rows(cond_or_uncond: list[int] | None, batch: int, strength: float) -> torch.Tensor:
+def conditional_rows(cond_or_uncond: list[int] | None, batch: int, strength: float) -> list[float]:
     """Per-row adapter scale of a model call: ``strength`` on cond rows, 0 on uncond rows.
 
     ``cond_or_uncond`` is the host's list of the call's chunks (0 = cond, 1 = uncond); a call without
     it is all cond.
     """
     if not cond_or_uncond:
-        return torch.full((batch,), float(strength))
+        return [float(strength)] * batch
     per_chunk = batch // len(cond_or_uncond)
-    return torch.tensor([strength if kind == 0 else 0.0 for kind in cond_or_uncond for _ in range(per_chunk)])
+    return [float(strength) if kind == 0 else 0.0 for kind in cond_or_uncond for _ in range(per_chunk)]
 
 
 def bind_adapters(adapters: GuidanceAdapters, omega: float | torch.Tensor, sigma: torch.Tensor, c_crossattn: torch.Tensor,
@@ -221,14 +221,15 @@ def adapter_apply_model(executor, x, t, c_concat=None, c_crossattn=None, control
             or c_crossattn is None:
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
     row_scale = conditional_rows(transformer_options.get("cond_or_uncond"), x.shape[0], settings.strength)
-    if not bool(row_scale.any()):  # an uncond-only call: the plain model
+    if not any(row_scale):  # an uncond-only call: the plain model
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
     adapters: GuidanceAdapters = settings.weights.model
     if next(adapters.parameters()).device != x.device:
         # the host loads the adapters with the model (patches' models()); a partial load can leave a plain
         # module behind: follow the data rather than fail on a device mismatch
         adapters.to(x.device)
-    bound = bind_adapters(adapters, omega, t, c_crossattn, kwargs, None if bool((row_scale == 1).all()) else row_scale)
+    bound = bind_adapters(adapters, omega, t, c_crossattn, kwargs,
+                          None if all(scale == 1.0 for scale in row_scale) else torch.tensor(row_scale))
     return executor(x, t, c_concat, c_crossattn, control, {**transformer_options, BOUND_KEY: bound}, **kwargs)
 
 

@@ -22,11 +22,12 @@ from ..fastguidance.adapter_training import (DistillationTrainer, TrainingSettin
                                              train_on_store, trajectory_bytes)
 from ..fastguidance.adapters import ADAPTER_KINDS, AdapterSpec, GuidanceAdapters, load_adapters, save_adapters
 from ..fastguidance.errors import FastGuidanceError, InvalidInputError
+from ..fastguidance.guidance import noise_of
 from . import model_folders
 from .adapter_patch import (BOUND_KEY, attach, attach_points, bind_adapters, differentiable_attention, has_adapters,
                             install_adapters, is_dit, saved_activations_copied, trainable_weights, warn_outside_range)
-from .curve_image import curve_image
-from .model_identity import model_architecture, model_fingerprint
+from .trainers import curve_image, prompt_lines
+from .model_identity import model_architecture, model_fingerprint, require_same_model
 
 log = logging.getLogger("fastguidance")
 
@@ -94,13 +95,8 @@ def check_made_for(model, adapter: str, metadata: dict, file_points: dict, allow
         raise InvalidInputError("adapter", adapter, f"it was made for other attach points ({len(file_points)} in the "
                                                     f"file, {len(points)} in this model; differing: {missing} or "
                                                     "their widths): train adapters for this model")
-    made_for, this_model = metadata.get("model_fingerprint"), model_fingerprint(model)
-    if made_for and made_for != this_model:
-        where = f"another {architecture} model (fingerprint {made_for}; this one is {this_model})"
-        if not allow_other_model:
-            raise InvalidInputError("adapter", adapter, f"it was trained on {where}: train adapters for this model, "
-                                                        "or turn on allow_other_model")
-        log.warning("FastGuidance [agd]: %s was trained on %s; results may differ from CFG", adapter, where)
+    require_same_model(model, metadata, "adapter", adapter, f"{architecture} model (", "train adapters for this model",
+                       allow_other_model, "results may differ from CFG")
 
 
 class _Recorder:
@@ -130,7 +126,7 @@ class _Recorder:
 
     def post_cfg(self, args: dict) -> torch.Tensor:
         x, sigma, denoised = args["input"], args["sigma"], args["denoised"]
-        noise = (x - denoised) / sigma.reshape(-1, *([1] * (x.dim() - 1)))  # CFG's prediction in noise space
+        noise = noise_of(x, denoised, sigma)  # CFG's prediction in noise space
         self.examples.append((x.detach().cpu(), sigma.detach().float().cpu(), noise.detach().cpu()))
         return denoised
 
@@ -208,14 +204,7 @@ class TrainGuidanceAdapterNode(io.ComfyNode):
     def validate_inputs(cls, prompts=None, filename=None, omega_min=None, omega_max=None, adapter_width=None,
                         kind=None) -> bool | str:
         try:
-            if prompts is not None and not [line for line in prompts.splitlines() if line.strip()]:
-                raise InvalidInputError("prompts", prompts, "write at least one prompt, one per line")
-            if filename is not None:
-                model_folders.file_name(filename)
-            if omega_min is not None and omega_max is not None and omega_min > omega_max:
-                raise InvalidInputError("omega_min", omega_min, f"use a value no larger than omega_max ({omega_max})")
-            if adapter_width is not None and kind == "cross_attention" and adapter_width % 4:
-                raise InvalidInputError("adapter_width", adapter_width, "use a multiple of 4 (the adapters' heads)")
+            _check_inputs(prompts, filename, omega_min, omega_max, adapter_width, kind)
         except InvalidInputError as error:
             return str(error)
         return True
@@ -226,13 +215,11 @@ class TrainGuidanceAdapterNode(io.ComfyNode):
                 learning_rate: float, kind: str, adapter_width: int, seed: int, filename: str, overwrite: bool,
                 resume: bool) -> io.NodeOutput:
         began = time.perf_counter()
-        failure = cls.validate_inputs(prompts, filename, omega_min, omega_max, adapter_width, kind)
-        if failure is not True:
-            raise InvalidInputError("inputs", "", failure)
+        _check_inputs(prompts, filename, omega_min, omega_max, adapter_width, kind)
         if has_adapters(model):
             raise InvalidInputError("model", "has guidance adapters", "connect the model without Load Guidance Adapter")
         points = attach_points(model)
-        lines = [line.strip() for line in prompts.splitlines() if line.strip()]
+        lines = prompt_lines(prompts)
         path = model_folders.new_file(model_folders.ADAPTERS, filename, overwrite)
         checkpoint_path = path[: -len(".safetensors")] + CHECKPOINT_SUFFIX
         if os.path.exists(checkpoint_path) and not resume:
@@ -287,6 +274,18 @@ class TrainGuidanceAdapterNode(io.ComfyNode):
         log.info("FastGuidance: %s", report.replace("\n", "; "))
         return io.NodeOutput(curve_image(trainer.losses, "distillation loss (MSE to CFG)", "Guidance adapter training",
                                          f"final {info['final_loss']:.4f}", x_label="step"), report)
+
+
+def _check_inputs(prompts, filename, omega_min, omega_max, adapter_width, kind) -> None:
+    """The checks of inputs the graph can be validated on before running (``None`` = not known yet)."""
+    if prompts is not None:
+        prompt_lines(prompts)
+    if filename is not None:
+        model_folders.file_name(filename)
+    if omega_min is not None and omega_max is not None and omega_min > omega_max:
+        raise InvalidInputError("omega_min", omega_min, f"use a value no larger than omega_max ({omega_max})")
+    if adapter_width is not None and kind == "cross_attention" and adapter_width % 4:
+        raise InvalidInputError("adapter_width", adapter_width, "use a multiple of 4 (the adapters' heads)")
 
 
 def _show(node_id: str | None, text: str) -> None:
@@ -390,7 +389,7 @@ def _train(model, spec: AdapterSpec, settings: TrainingSettings, store: Trajecto
                            "optimized_attention_override": differentiable_attention}
                 denoised = base_model.apply_model(x_rows, sigma_rows, c_concat=c_concat, c_crossattn=c_crossattn,
                                                   transformer_options=options, **kwargs)
-                outputs[rows] = ((x_rows - denoised) / sigma_rows.reshape(-1, *([1] * (x.dim() - 1)))).float()
+                outputs[rows] = noise_of(x_rows, denoised, sigma_rows).float()
             return outputs
 
         def checkpoint(current: DistillationTrainer) -> None:

@@ -18,8 +18,8 @@ from ..fastguidance.metrics import ssim
 from ..fastguidance.step_predictor import (StepPredictor, conditioning_features, latent_fidelity, load_step_predictor,
                                            parse_step_options, save_step_predictor, train_step_policy)
 from . import model_folders
-from .curve_image import curve_image
-from .model_identity import model_architecture, model_fingerprint
+from .trainers import curve_image, prompt_lines
+from .model_identity import model_architecture, model_fingerprint, require_same_model
 
 log = logging.getLogger("fastguidance")
 
@@ -77,13 +77,9 @@ class StepPredictorNode(io.ComfyNode):
         path = model_folders.existing_file(model_folders.STEP_PREDICTORS, predictor, "predictor",
                                            "train one with Train Step Predictor")
         network, metadata = load_step_predictor(path)
-        made_for, this_model = metadata.get("model_fingerprint"), model_fingerprint(model)
-        if made_for and made_for != this_model:
-            where = f"another model ({metadata.get('architecture', '?')}, fingerprint {made_for}; this one is {this_model})"
-            if not allow_other_model:
-                raise InvalidInputError("predictor", predictor, f"it was trained on {where}: train one for this model "
-                                                                "with Train Step Predictor, or turn on allow_other_model")
-            log.warning("FastGuidance: %s was trained on %s; its step choices may not fit this one", predictor, where)
+        require_same_model(model, metadata, "predictor", predictor, f"model ({metadata.get('architecture', '?')}, ",
+                           "train one for this model with Train Step Predictor", allow_other_model,
+                           "its step choices may not fit this one")
         choices = network.choose(features_of(positive))
         steps = max(choices)
         sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
@@ -156,8 +152,8 @@ class TrainStepPredictorNode(io.ComfyNode):
                 parse_step_options(step_options)
             if filename is not None:
                 model_folders.file_name(filename)
-            if prompts is not None and not [line for line in prompts.splitlines() if line.strip()]:
-                raise InvalidInputError("prompts", prompts, "write at least one prompt, one per line")
+            if prompts is not None:
+                prompt_lines(prompts)
         except InvalidInputError as error:
             return str(error)
         return True
@@ -167,9 +163,7 @@ class TrainStepPredictorNode(io.ComfyNode):
                 step_options: str, cost_weight: float, iterations: int, batch: int, width: int, height: int,
                 seed: int, filename: str, overwrite: bool, vae=None) -> io.NodeOutput:
         options = parse_step_options(step_options)
-        lines = [line.strip() for line in prompts.splitlines() if line.strip()]
-        if not lines:
-            raise InvalidInputError("prompts", prompts, "write at least one prompt, one per line")
+        lines = prompt_lines(prompts)
         path = model_folders.new_file(model_folders.STEP_PREDICTORS, filename, overwrite)
         name = os.path.basename(path)
         began = time.perf_counter()

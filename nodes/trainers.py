@@ -1,4 +1,4 @@
-"""A training curve as a ComfyUI IMAGE (the trainers' first output)."""
+"""What the pack's trainer nodes share: their prompt lines and the training curve they return as an IMAGE."""
 
 from __future__ import annotations
 
@@ -10,7 +10,16 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..fastguidance.errors import InvalidInputError
 from ..fastguidance.report import quality_plot
+
+
+def prompt_lines(prompts: str) -> list[str]:
+    """A multiline ``prompts`` input as its non-empty lines, or an error naming the input."""
+    lines = [line.strip() for line in prompts.splitlines() if line.strip()]
+    if not lines:
+        raise InvalidInputError("prompts", prompts, "write at least one prompt, one per line")
+    return lines
 
 
 def curve_image(values: list[float], y_label: str, title: str, last_label: str = "", x_label: str = "iteration") -> torch.Tensor:
