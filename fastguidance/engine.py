@@ -53,6 +53,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .errors import InvalidInputError
 from .guidance import per_sample_cosine
 from .schedules import step_index
 
@@ -149,6 +150,8 @@ class GuidancePolicy:
     name: str = "policy"
     #: the run measures the per-sample cosine at FULL calls and passes it to :meth:`measured`
     wants_cosine: bool = False
+    #: what that cosine compares (:data:`fastguidance.guidance.COSINE_SPACES`); one space per run
+    cosine_space: str = "noise"
     #: the policy may propose REUSE, so the run keeps ``(c − u)/σ`` of each sample's last FULL call
     uses_guidance_cache: bool = False
 
@@ -245,6 +248,11 @@ class GuidanceRun:
         self.percent_to_sigma = percent_to_sigma or schedule_percent_to_sigma(self.schedule)
         self.records: list[CallRecord] = []
         self._wants_cosine = any(policy.wants_cosine for policy in self.policies)
+        spaces = {policy.cosine_space for policy in self.policies if policy.wants_cosine}
+        if len(spaces) > 1:
+            raise InvalidInputError("cosine_space", " and ".join(sorted(spaces)),
+                                    "the policies of one sampling run must measure their cosine in the same space")
+        self._cosine_space = spaces.pop() if spaces else "noise"
         self._uses_cache = any(policy.uses_guidance_cache for policy in self.policies)
         self._guidance_cache: torch.Tensor | None = None
         self._cache_valid = [False] * batch_size
@@ -367,7 +375,7 @@ class GuidanceRun:
     def _learn(self, plan: StepPlan, record: CallRecord, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor) -> None:
         full = [action == Action.FULL for action in plan.actions]
         if self._wants_cosine:
-            self._pending_cosine = (record, per_sample_cosine(x, cond, uncond))
+            self._pending_cosine = (record, per_sample_cosine(x, cond, uncond, space=self._cosine_space))
         if self._uses_cache:
             guidance = (cond - uncond) / max(plan.context.sigma, 1e-12)  # noise-space guidance, up to sign
             if all(full) or self._guidance_cache is None:

@@ -23,7 +23,13 @@ def noise_of(x: torch.Tensor, denoised: torch.Tensor, sigma: torch.Tensor) -> to
     return (x - denoised) / sigma.reshape(-1, *([1] * (x.dim() - 1)))
 
 
-def per_sample_cosine(x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+#: where Adaptive Guidance measures its cosine: ``noise`` is the paper's (and DESIGN's) γ; ``denoised``
+#: compares the two predictions themselves, as the popular ComfyUI implementation of AG does
+COSINE_SPACES = ("noise", "denoised")
+
+
+def per_sample_cosine(x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, eps: float = 1e-12,
+                      space: str = "noise") -> torch.Tensor:
     """Per-sample cosine ``γ = cos(x − c, x − u)`` in fp32, shape ``[B]``.
 
     Adaptive Guidance (Castillo et al., arXiv 2312.12487, §3, eq. 5) measures the cosine between the
@@ -32,11 +38,20 @@ def per_sample_cosine(x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
     every parameterisation (EPS, v, flow). Each sample is flattened on its own: the statistic is per
     sample, never over the whole batch. Works for any latent rank (4-D images, 5-D video).
     The result stays on the device (no host synchronisation).
+
+    ``space="denoised"`` gives ``cos(c, u)`` instead. Why it exists: at the first step ``x ≈ σ_max·n``
+    dominates both noise directions, so ``1 − γ ≈ ½‖c − u‖²/‖x − u‖²`` is tiny for any model whose
+    predictions stay in the data's range (values in [−1, 1] and σ_max = 14.6 bound it by
+    ½(2/14.6)², i.e. γ ≥ 0.9906 however different the two pictures are). A threshold of 0.991 can
+    then cut at the first step; the denoised predictions do differ early and converge late.
     """
+    if space not in COSINE_SPACES:
+        raise ValueError(f"cosine space must be one of {COSINE_SPACES}, got {space!r}")
     batch = x.shape[0]
-    x32 = x.reshape(batch, -1).float()
-    noise_cond = x32 - cond.reshape(batch, -1).float()
-    noise_uncond = x32 - uncond.reshape(batch, -1).float()
-    dot = (noise_cond * noise_uncond).sum(dim=1)
-    norms = noise_cond.norm(dim=1) * noise_uncond.norm(dim=1)
+    cond32, uncond32 = cond.reshape(batch, -1).float(), uncond.reshape(batch, -1).float()
+    if space == "noise":
+        x32 = x.reshape(batch, -1).float()
+        cond32, uncond32 = x32 - cond32, x32 - uncond32
+    dot = (cond32 * uncond32).sum(dim=1)
+    norms = cond32.norm(dim=1) * uncond32.norm(dim=1)
     return dot / norms.clamp_min(eps)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..fastguidance.errors import InvalidInputError
+from ..fastguidance.guidance import COSINE_SPACES
 from ..fastguidance.policies.adaptive import AFTER_CUTOFF_MODES, MAX_THRESHOLD, AdaptiveGuidance, validate_adaptive_guidance
 from .engine_patch import cfg_guider, guider_inputs, install_policy
 
@@ -35,13 +36,21 @@ def _settings_inputs() -> list:
             tooltip="What a step does once guidance is cut: cond_only uses the prompt prediction alone (the "
                     "paper's method); reuse keeps applying the last measured guidance (experimental).",
         ),
+        io.Combo.Input(
+            "cosine_space", options=list(COSINE_SPACES), default=_DEFAULTS.cosine_space, optional=True,
+            tooltip="Which predictions the cosine compares. noise: the paper's noise directions (x − prediction); "
+                    "at the first, very noisy steps they are nearly parallel on most models, so a 0.991 threshold "
+                    "may cut right away. denoised: the two predicted images themselves, which differ early and "
+                    "converge late (the common ComfyUI implementation of AG). Compare both on your model.",
+        ),
     ]
 
 
-def _validate(threshold=None, start_percent=None, end_percent=None, after_cutoff=None) -> bool | str:
+def _validate(threshold=None, start_percent=None, end_percent=None, after_cutoff=None,
+              cosine_space=None) -> bool | str:
     """``validate_inputs`` for both nodes: a message naming the input and the fix, or True."""
     values = {"threshold": threshold, "start_percent": start_percent, "end_percent": end_percent,
-              "after_cutoff": after_cutoff}
+              "after_cutoff": after_cutoff, "cosine_space": cosine_space}
     # Inputs fed by links are not known before the run; check the rest against the defaults.
     known = {name: getattr(_DEFAULTS, name) if value is None else value for name, value in values.items()}
     try:
@@ -51,9 +60,10 @@ def _validate(threshold=None, start_percent=None, end_percent=None, after_cutoff
     return True
 
 
-def _policy(threshold: float, start_percent: float, end_percent: float, after_cutoff: str) -> AdaptiveGuidance:
+def _policy(threshold: float, start_percent: float, end_percent: float, after_cutoff: str,
+            cosine_space: str) -> AdaptiveGuidance:
     return AdaptiveGuidance(threshold=threshold, start_percent=start_percent, end_percent=end_percent,
-                            after_cutoff=after_cutoff)
+                            after_cutoff=after_cutoff, cosine_space=cosine_space)
 
 
 class AdaptiveGuidanceNode(io.ComfyNode):
@@ -73,12 +83,14 @@ class AdaptiveGuidanceNode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, threshold=None, start_percent=None, end_percent=None, after_cutoff=None) -> bool | str:
-        return _validate(threshold, start_percent, end_percent, after_cutoff)
+    def validate_inputs(cls, threshold=None, start_percent=None, end_percent=None, after_cutoff=None,
+                        cosine_space=None) -> bool | str:
+        return _validate(threshold, start_percent, end_percent, after_cutoff, cosine_space)
 
     @classmethod
-    def execute(cls, model, threshold: float, start_percent: float, end_percent: float, after_cutoff: str) -> io.NodeOutput:
-        policy = _policy(threshold, start_percent, end_percent, after_cutoff)
+    def execute(cls, model, threshold: float, start_percent: float, end_percent: float, after_cutoff: str,
+                cosine_space: str = _DEFAULTS.cosine_space) -> io.NodeOutput:
+        policy = _policy(threshold, start_percent, end_percent, after_cutoff, cosine_space)
         return io.NodeOutput(install_policy(model, policy, cls.hidden.unique_id))
 
 
@@ -98,11 +110,12 @@ class AdaptiveGuiderNode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, threshold=None, start_percent=None, end_percent=None, after_cutoff=None) -> bool | str:
-        return _validate(threshold, start_percent, end_percent, after_cutoff)
+    def validate_inputs(cls, threshold=None, start_percent=None, end_percent=None, after_cutoff=None,
+                        cosine_space=None) -> bool | str:
+        return _validate(threshold, start_percent, end_percent, after_cutoff, cosine_space)
 
     @classmethod
     def execute(cls, model, positive, negative, cfg: float, threshold: float, start_percent: float,
-                end_percent: float, after_cutoff: str) -> io.NodeOutput:
-        policy = _policy(threshold, start_percent, end_percent, after_cutoff)
+                end_percent: float, after_cutoff: str, cosine_space: str = _DEFAULTS.cosine_space) -> io.NodeOutput:
+        policy = _policy(threshold, start_percent, end_percent, after_cutoff, cosine_space)
         return io.NodeOutput(cfg_guider(model, positive, negative, cfg, policy, cls.hidden.unique_id))

@@ -39,6 +39,31 @@ def test_bad_percent_and_mode_are_refused():
         AdaptiveGuidance(end_percent=1.5)
     with pytest.raises(InvalidInputError, match="after_cutoff"):
         AdaptiveGuidance(after_cutoff="zeros")
+    with pytest.raises(InvalidInputError, match="cosine_space.*noise, denoised"):
+        AdaptiveGuidance(cosine_space="latent")
+
+
+def test_policies_of_one_run_must_share_the_cosine_space():
+    model = ScriptedCosineModel(shape=(1, 4, 8, 8))
+    policies = [AdaptiveGuidance(threshold=0.99), AdaptiveGuidance(threshold=0.99, cosine_space="denoised")]
+    with pytest.raises(InvalidInputError, match="cosine_space.*same space"):
+        sample(model, torch.randn(1, 4, 8, 8), sigmas(), "cond", "uncond", 5.0, "euler", policies)
+
+
+def test_denoised_space_records_the_cosine_of_the_predictions():
+    model = ScriptedCosineModel(shape=(1, 4, 8, 8))
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    seen = []
+
+    def recording(x, sigma, conds):
+        out = model(x, sigma, conds)
+        if len(conds) == 2:
+            seen.append(float(torch.nn.functional.cosine_similarity(out[0].flatten(), out[1].flatten(), dim=0)))
+        return out
+
+    result = sample(recording, noise, sigmas(6), "cond", "uncond", 5.0, "euler",
+                    [AdaptiveGuidance(threshold=1.0001, cosine_space="denoised")])
+    assert [record.cosine[0] for record in result.run.records] == pytest.approx(seen, abs=1e-5)
 
 
 def test_threshold_above_one_is_exactly_plain_cfg():

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from fastguidance.guidance import cfg_combine, per_sample_cosine
@@ -41,3 +42,28 @@ def test_cfg_combine_is_the_hosts_formula():
     cond, uncond = torch.tensor([2.0]), torch.tensor([0.5])
     assert torch.equal(cfg_combine(cond, uncond, 7.0), uncond + (cond - uncond) * 7.0)
     assert torch.equal(cfg_combine(cond, cond, 7.0), cond)
+
+
+def test_denoised_cosine_compares_the_predictions_themselves():
+    generator = torch.Generator().manual_seed(3)
+    x, cond, uncond = (torch.randn(2, 4, 5, 5, generator=generator) for _ in range(3))
+    got = per_sample_cosine(x, cond, uncond, space="denoised")
+    for b in range(2):
+        a, c = cond[b].flatten().double(), uncond[b].flatten().double()
+        assert abs(float(got[b]) - float(a @ c / (a.norm() * c.norm()))) < 1e-6
+    assert not torch.allclose(got, per_sample_cosine(x, cond, uncond))
+
+
+def test_noise_cosine_at_high_sigma_is_near_one_whatever_the_predictions():
+    """Why the denoised space exists: two opposite pictures in [-1, 1] still give γ ≥ 1 − ½(2/σ)²."""
+    sigma = 14.6
+    x = sigma * torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    cond, uncond = torch.ones(1, 3, 32, 32), -torch.ones(1, 3, 32, 32)
+    assert float(per_sample_cosine(x, cond, uncond)) >= 1 - 0.5 * (2 / sigma) ** 2 - 1e-3
+    assert float(per_sample_cosine(x, cond, uncond, space="denoised")) == pytest.approx(-1.0)
+
+
+def test_unknown_cosine_space_is_refused():
+    x = torch.zeros(1, 2, 2, 2)
+    with pytest.raises(ValueError, match="noise"):
+        per_sample_cosine(x, x, x, space="latent")

@@ -7,8 +7,10 @@ remaining steps use the conditional prediction only, halving their cost. Here th
 measured per sample (:func:`fastguidance.guidance.per_sample_cosine`) and each sample latches on its
 own.
 
-Extension (not in the paper, measured by the benchmark): ``after_cutoff="reuse"`` keeps applying
-the guidance term ``g = c − u`` of the sample's last guided step instead of dropping guidance.
+Extensions (not in the paper, measured by the benchmark): ``after_cutoff="reuse"`` keeps applying
+the guidance term ``g = c − u`` of the sample's last guided step instead of dropping guidance;
+``cosine_space="denoised"`` measures ``cos(c, u)`` on the denoised predictions instead of the
+paper's noise directions (see :func:`fastguidance.guidance.per_sample_cosine` for why).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 from ..engine import Action, CallRecord, GuidancePolicy, GuidanceRun, StepContext
 from ..errors import InvalidInputError
+from ..guidance import COSINE_SPACES
 
 AFTER_CUTOFF_MODES = ("cond_only", "reuse")
 #: cosines never exceed 1, so a threshold above it disables the cutoff (parity with plain CFG)
@@ -44,17 +47,20 @@ class AdaptiveGuidance(GuidancePolicy):
         start_percent, end_percent: the window of the denoising process (0 = first step, 1 = last)
             in which the cutoff may happen and applies; outside it every step is guided.
         after_cutoff: ``cond_only`` (paper: ``û = c``) or ``reuse`` (``û = c − (σ/σ_last)·g_last``, see the engine).
+        cosine_space: ``noise`` (paper: ``cos(x − c, x − u)``) or ``denoised`` (``cos(c, u)``).
     """
 
     threshold: float = 0.991
     start_percent: float = 0.0
     end_percent: float = 1.0
     after_cutoff: str = "cond_only"
+    cosine_space: str = "noise"
     name = "ag"
     wants_cosine = True
 
     def __post_init__(self) -> None:
-        validate_adaptive_guidance(self.threshold, self.start_percent, self.end_percent, self.after_cutoff)
+        validate_adaptive_guidance(self.threshold, self.start_percent, self.end_percent, self.after_cutoff,
+                                   self.cosine_space)
         object.__setattr__(self, "uses_guidance_cache", self.after_cutoff == "reuse")
 
     @property
@@ -82,10 +88,11 @@ class AdaptiveGuidance(GuidancePolicy):
 
     def describe(self) -> dict[str, Any]:
         return {"method": self.name, "threshold": self.threshold, "start_percent": self.start_percent,
-                "end_percent": self.end_percent, "after_cutoff": self.after_cutoff}
+                "end_percent": self.end_percent, "after_cutoff": self.after_cutoff, "cosine_space": self.cosine_space}
 
 
-def validate_adaptive_guidance(threshold: float, start_percent: float, end_percent: float, after_cutoff: str) -> None:
+def validate_adaptive_guidance(threshold: float, start_percent: float, end_percent: float, after_cutoff: str,
+                               cosine_space: str = "noise") -> None:
     """Raise :class:`InvalidInputError` naming the first bad setting and how to fix it."""
     if not 0.0 <= threshold <= MAX_THRESHOLD:
         raise InvalidInputError("threshold", threshold,
@@ -99,3 +106,5 @@ def validate_adaptive_guidance(threshold: float, start_percent: float, end_perce
                                 f"the window must start before it ends: set start_percent <= end_percent ({end_percent})")
     if after_cutoff not in AFTER_CUTOFF_MODES:
         raise InvalidInputError("after_cutoff", after_cutoff, f"choose one of {', '.join(AFTER_CUTOFF_MODES)}")
+    if cosine_space not in COSINE_SPACES:
+        raise InvalidInputError("cosine_space", cosine_space, f"choose one of {', '.join(COSINE_SPACES)}")

@@ -15,9 +15,9 @@ STEPS = 10
 
 
 
-def patch(host, model, threshold=0.991, start_percent=0.0, end_percent=1.0, after_cutoff="cond_only"):
+def patch(host, model, threshold=0.991, start_percent=0.0, end_percent=1.0, after_cutoff="cond_only", **optional):
     node = host.node("FastGuidance_AdaptiveGuidance")
-    return node.execute(model, threshold, start_percent, end_percent, after_cutoff)[0]
+    return node.execute(model, threshold, start_percent, end_percent, after_cutoff, **optional)[0]
 
 
 @pytest.fixture(scope="module")
@@ -239,3 +239,33 @@ def test_validate_inputs_names_the_input(host):
     message = node.validate_inputs(threshold=0.991, start_percent=0.9, end_percent=0.1, after_cutoff="cond_only")
     assert isinstance(message, str) and "start_percent" in message
     assert "threshold" in node.validate_inputs(threshold=2.0)
+
+
+def test_denoised_cosine_is_measured_on_the_hosts_predictions(host, tiny_model, conds, runs):
+    """cosine_space=denoised: γ = cos(c, u) of the denoised predictions the host's sampling function sees."""
+    positive, negative = conds
+    seen = []
+
+    def post_cfg(args):
+        c, u = args["cond_denoised"].flatten(1).float(), args["uncond_denoised"].flatten(1).float()
+        seen.append(float(torch.nn.functional.cosine_similarity(c, u)[0]))
+        return args["denoised"]
+
+    model = patch(host, tiny_model, threshold=1.0001, cosine_space="denoised").clone()
+    model.set_model_sampler_post_cfg_function(post_cfg)
+    plain = ksampler(host, patch(host, tiny_model, threshold=1.0001), positive, negative)
+    assert (ksampler(host, model, positive, negative) - plain).abs().max().item() == 0.0  # never cuts: plain CFG
+    denoised_space, noise_space = runs[-1], runs[-2]
+    denoised_space.finish()
+    noise_space.finish()
+    assert [record.cosine[0] for record in denoised_space.records] == pytest.approx(seen, abs=1e-5)
+    assert [record.cosine[0] for record in noise_space.records] != pytest.approx(seen, abs=1e-3)
+
+
+def test_prompts_saved_before_cosine_space_existed_still_run(host, tiny_model, conds, runs):
+    node = host.nodes.NODE_CLASS_MAPPINGS["FastGuidance_AdaptiveGuidance"]
+    assert node.validate_inputs(threshold=0.991, start_percent=0.0, end_percent=1.0, after_cutoff="cond_only") is True
+    assert "cosine_space" in node.validate_inputs(cosine_space="latent")
+    patched = host.node("FastGuidance_AdaptiveGuidance").execute(tiny_model, 1.0001, 0.0, 1.0, "cond_only")[0]
+    ksampler(host, patched, *conds)
+    assert runs[-1].policies[0].cosine_space == "noise"
