@@ -54,7 +54,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .errors import InvalidInputError
-from .guidance import per_sample_cosine
+from .guidance import COSINE_SPACES, per_sample_cosine
 from .schedules import step_index
 
 log = logging.getLogger("fastguidance")
@@ -229,6 +229,22 @@ def schedule_percent_to_sigma(schedule: Sequence[float]) -> Callable[[float], fl
     return percent_to_sigma
 
 
+def shared_cosine_space(policies: Sequence[GuidancePolicy]) -> str:
+    """The one space in which a run measures its cosine for all ``policies`` (``noise`` when none wants one).
+
+    Raises :class:`InvalidInputError` when policies on one model ask for different spaces.
+    """
+    spaces = sorted({policy.cosine_space for policy in policies if policy.wants_cosine})
+    for space in spaces:
+        if space not in COSINE_SPACES:
+            raise InvalidInputError("cosine_space", space, f"choose one of {', '.join(COSINE_SPACES)}")
+    if len(spaces) > 1:
+        raise InvalidInputError("cosine_space", " and ".join(spaces),
+                                "set the same cosine_space on every Adaptive Guidance node applied to this model "
+                                "(one cosine is measured per step)")
+    return spaces[0] if spaces else "noise"
+
+
 class GuidanceRun:
     """The state of one sampling run: schedule, per-policy state, guidance cache and records.
 
@@ -248,11 +264,7 @@ class GuidanceRun:
         self.percent_to_sigma = percent_to_sigma or schedule_percent_to_sigma(self.schedule)
         self.records: list[CallRecord] = []
         self._wants_cosine = any(policy.wants_cosine for policy in self.policies)
-        spaces = {policy.cosine_space for policy in self.policies if policy.wants_cosine}
-        if len(spaces) > 1:
-            raise InvalidInputError("cosine_space", " and ".join(sorted(spaces)),
-                                    "the policies of one sampling run must measure their cosine in the same space")
-        self._cosine_space = spaces.pop() if spaces else "noise"
+        self._cosine_space = shared_cosine_space(self.policies)
         self._uses_cache = any(policy.uses_guidance_cache for policy in self.policies)
         self._guidance_cache: torch.Tensor | None = None
         self._cache_valid = [False] * batch_size

@@ -40,10 +40,13 @@ def per_sample_cosine(x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
     The result stays on the device (no host synchronisation).
 
     ``space="denoised"`` gives ``cos(c, u)`` instead. Why it exists: at the first step ``x ≈ σ_max·n``
-    dominates both noise directions, so ``1 − γ ≈ ½‖c − u‖²/‖x − u‖²`` is tiny for any model whose
+    dominates both noise directions, so ``1 − γ`` is at most about ``½‖c − u‖²/‖x − u‖²`` (only the part of
+    ``c − u`` across ``x − u`` counts), tiny for any model whose
     predictions stay in the data's range (values in [−1, 1] and σ_max = 14.6 bound it by
     ½(2/14.6)², i.e. γ ≥ 0.9906 however different the two pictures are). A threshold of 0.991 can
-    then cut at the first step; the denoised predictions do differ early and converge late.
+    then cut at the first step; the denoised predictions do differ early and converge late. (A constant
+    offset shared by ``c`` and ``u``, such as a latent mean far from zero, pushes the denoised cosine
+    towards 1.)
     """
     if space not in COSINE_SPACES:
         raise ValueError(f"cosine space must be one of {COSINE_SPACES}, got {space!r}")

@@ -20,7 +20,8 @@ def _settings_inputs() -> list:
             "threshold", default=_DEFAULTS.threshold, min=0.0, max=MAX_THRESHOLD, step=0.001, round=0.0001,
             tooltip="Stop guiding an image once the prompt and negative predictions point the same way "
                     "(their cosine reaches this value). Lower = earlier cutoff, faster, less guidance. "
-                    "0.991 is the paper's value; above 1.0 never cuts (plain CFG).",
+                    "0.991 is the paper's value (noise cosine); useful values depend on cosine_space and the model, "
+                    "the node's chart shows the cosine of every step. Above 1.0 never cuts (plain CFG).",
         ),
         io.Float.Input(
             "start_percent", default=_DEFAULTS.start_percent, min=0.0, max=1.0, step=0.01,
@@ -41,7 +42,8 @@ def _settings_inputs() -> list:
             tooltip="Which predictions the cosine compares. noise: the paper's noise directions (x − prediction); "
                     "at the first, very noisy steps they are nearly parallel on most models, so a 0.991 threshold "
                     "may cut right away. denoised: the two predicted images themselves, which differ early and "
-                    "converge late (the common ComfyUI implementation of AG). Compare both on your model.",
+                    "converge late (the common ComfyUI implementation of AG). Default noise (the paper's). "
+                    "Compare both on your model.",
         ),
     ]
 

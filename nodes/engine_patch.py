@@ -22,7 +22,7 @@ import comfy.samplers
 import torch
 from comfy_api.latest import io
 
-from ..fastguidance.engine import GuidancePolicy, GuidanceRun
+from ..fastguidance.engine import GuidancePolicy, GuidanceRun, shared_cosine_space
 
 log = logging.getLogger("fastguidance")
 
@@ -67,6 +67,7 @@ def install_policy(model: Any, policy: GuidancePolicy, node_id: str | None) -> A
         patched.set_model_sampler_calc_cond_batch_function(engine_calc_cond_batch)
         patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, ENGINE_KEY)
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, ENGINE_KEY, engine_outer_sample)
+    shared_cosine_space(config.policies)  # refuse mixed spaces here, where the node is known, not at sampling
     transformer_options[ENGINE_KEY] = config
     return patched
 

@@ -46,7 +46,7 @@ def test_bad_percent_and_mode_are_refused():
 def test_policies_of_one_run_must_share_the_cosine_space():
     model = ScriptedCosineModel(shape=(1, 4, 8, 8))
     policies = [AdaptiveGuidance(threshold=0.99), AdaptiveGuidance(threshold=0.99, cosine_space="denoised")]
-    with pytest.raises(InvalidInputError, match="cosine_space.*same space"):
+    with pytest.raises(InvalidInputError, match="cosine_space.*same cosine_space on every"):
         sample(model, torch.randn(1, 4, 8, 8), sigmas(), "cond", "uncond", 5.0, "euler", policies)
 
 

@@ -256,16 +256,24 @@ def test_denoised_cosine_is_measured_on_the_hosts_predictions(host, tiny_model, 
     plain = ksampler(host, patch(host, tiny_model, threshold=1.0001), positive, negative)
     assert (ksampler(host, model, positive, negative) - plain).abs().max().item() == 0.0  # never cuts: plain CFG
     denoised_space, noise_space = runs[-1], runs[-2]
+    assert denoised_space.policies[0].cosine_space == "denoised" and noise_space.policies[0].cosine_space == "noise"
     denoised_space.finish()
     noise_space.finish()
     assert [record.cosine[0] for record in denoised_space.records] == pytest.approx(seen, abs=1e-5)
     assert [record.cosine[0] for record in noise_space.records] != pytest.approx(seen, abs=1e-3)
 
 
-def test_prompts_saved_before_cosine_space_existed_still_run(host, tiny_model, conds, runs):
+def test_cosine_space_is_optional_and_checked(host, tiny_model, conds, runs):
+    """Old API prompts without cosine_space are posted to a real server in test_server.py."""
     node = host.nodes.NODE_CLASS_MAPPINGS["FastGuidance_AdaptiveGuidance"]
     assert node.validate_inputs(threshold=0.991, start_percent=0.0, end_percent=1.0, after_cutoff="cond_only") is True
     assert "cosine_space" in node.validate_inputs(cosine_space="latent")
     patched = host.node("FastGuidance_AdaptiveGuidance").execute(tiny_model, 1.0001, 0.0, 1.0, "cond_only")[0]
     ksampler(host, patched, *conds)
     assert runs[-1].policies[0].cosine_space == "noise"
+
+
+def test_two_adaptive_guidance_nodes_with_different_cosine_spaces_are_refused(host, tiny_model):
+    first = patch(host, tiny_model, cosine_space="noise")
+    with pytest.raises(ValueError, match="same cosine_space on every Adaptive Guidance node"):
+        patch(host, first, cosine_space="denoised")
