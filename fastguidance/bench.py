@@ -137,6 +137,9 @@ def run_bench(settings: BenchSettings, out: Path, model: ReferenceModel | None =
         real_features = classifier.embed(real)
 
     context = BenchContext(model, settings, sigmas, uncond)
+    for variant in variants:  # a missing or stale file fails now, not after minutes of sampling
+        if variant.load_files is not None:
+            variant.load_files(context)
     outputs: dict[str, tuple[BenchVariant, torch.Tensor, list[int], list[int], float]] = {}
     for index, variant in enumerate(variants):
         outputs[variant.label] = (variant, *run_variant(context, variant, cond, noise,

@@ -16,6 +16,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .engine import GuidancePolicy
+from .errors import TensorFileError
+from .fingerprint import weights_fingerprint
 from .policies import AdaptiveGuidance, CompressGuidance
 from .policies.linear_ag import LinearAG, LinearAGCalibration, LinearAGCoefficients
 from .reference.model import ReferenceModel, TextConditioning
@@ -57,6 +59,19 @@ class BenchContext:
         return self._prepared[key]
 
 
+def require_trained_for(context: BenchContext, metadata: dict[str, Any], path: Any, what: str) -> None:
+    """Refuse a shipped file (step predictor, adapters) trained on another reference model: its
+    numbers would describe a model that is no longer the one benchmarked."""
+    model_fingerprint = context.prepared("model fingerprint", lambda: weights_fingerprint(context.model.state_dict().items()),
+                                         is_cost=False)
+    made_for = metadata.get("model_fingerprint")
+    if made_for != model_fingerprint:
+        trained_on = f"another reference model (fingerprint {made_for})" if made_for else "an unknown model (no fingerprint)"
+        raise TensorFileError(f"{path} was trained on {trained_on}, not on this one ({model_fingerprint}): retrain it with "
+                              f"`python -m fastguidance.reference.train {what} --overwrite`, or run only the methods "
+                              f"that do not need it (--methods lists the methods to run)")
+
+
 def _no_policies(context: BenchContext) -> Sequence[GuidancePolicy]:
     return ()
 
@@ -73,6 +88,8 @@ class BenchVariant:
     #: a single-pass guided model to sample with instead of the reference model (AGD); use with guided=False
     single_pass: Callable[[BenchContext], Any] | None = None
     guided: bool = True  # False: no guidance at all (cfg scale 1, one evaluation per step)
+    #: loads (and checks) the files the variant needs; run for every variant before any sampling
+    load_files: Callable[[BenchContext], Any] | None = None
     scale: float | None = None  # CFG scale of this row; None: the benchmark's --scale
 
     @property
@@ -89,13 +106,18 @@ def baseline_variants() -> list[BenchVariant]:
 
 
 def adaptive_guidance_variants() -> list[BenchVariant]:
-    """The paper's threshold, a lower one, and the reuse extension."""
+    """The paper's threshold, a lower one, and the reuse extension; then the cosine of the denoised
+    predictions (an extension, see :func:`fastguidance.guidance.per_sample_cosine`) at three thresholds."""
     variants = []
     for threshold in (0.991, 0.98):
         variants.append(BenchVariant("ag", {"threshold": threshold},
                                      lambda _, threshold=threshold: [AdaptiveGuidance(threshold=threshold)]))
     variants.append(BenchVariant("ag", {"threshold": 0.98, "after_cutoff": "reuse"},
                                  lambda _: [AdaptiveGuidance(threshold=0.98, after_cutoff="reuse")]))
+    for threshold in (0.991, 0.998, 0.9995):
+        variants.append(BenchVariant("ag", {"threshold": threshold, "cosine_space": "denoised"},
+                                     lambda _, threshold=threshold: [AdaptiveGuidance(threshold=threshold,
+                                                                                      cosine_space="denoised")]))
     return variants
 
 
@@ -160,14 +182,20 @@ def linear_ag_variants() -> list[BenchVariant]:
     ]
 
 
-def predicted_steps(context: BenchContext, cond: TextConditioning) -> list[int]:
-    """AdaDiff's step count per prompt, from the shipped predictor of the reference model."""
+def shipped_step_predictor(context: BenchContext) -> Any:
+    """The shipped AdaDiff predictor of the reference model (loaded once, refused if stale)."""
     def load():
         from .reference.weights import STEP_PREDICTOR_PATH
-        return load_step_predictor(STEP_PREDICTOR_PATH)[0]
+        predictor, metadata = load_step_predictor(STEP_PREDICTOR_PATH)
+        require_trained_for(context, metadata, STEP_PREDICTOR_PATH, "step_predictor")
+        return predictor
 
-    predictor = context.prepared("adadiff predictor", load, is_cost=False)
-    return predictor.choose(conditioning_features(cond.tokens, cond.pooled, cond.mask))
+    return context.prepared("adadiff predictor", load, is_cost=False)
+
+
+def predicted_steps(context: BenchContext, cond: TextConditioning) -> list[int]:
+    """AdaDiff's step count per prompt, from the shipped predictor of the reference model."""
+    return shipped_step_predictor(context).choose(conditioning_features(cond.tokens, cond.pooled, cond.mask))
 
 
 def adadiff_variants() -> list[BenchVariant]:
@@ -176,13 +204,16 @@ def adadiff_variants() -> list[BenchVariant]:
     The predictor was trained for the default schedule (20 steps max, dpmpp_2m / karras, cfg 5).
     """
     return [
-        BenchVariant("adadiff", {}, choose_steps=predicted_steps),
+        BenchVariant("adadiff", {}, choose_steps=predicted_steps, load_files=shipped_step_predictor),
         BenchVariant("adadiff+ag", {"threshold": 0.991},
-                     lambda _: [AdaptiveGuidance(threshold=0.991)], choose_steps=predicted_steps),
+                     lambda _: [AdaptiveGuidance(threshold=0.991)], choose_steps=predicted_steps,
+                     load_files=shipped_step_predictor),
         BenchVariant("adadiff+compg", {"rate": 5.0, "k": 1.0},
-                     lambda _: [CompressGuidance(5.0, skew=1.0)], choose_steps=predicted_steps),
+                     lambda _: [CompressGuidance(5.0, skew=1.0)], choose_steps=predicted_steps,
+                     load_files=shipped_step_predictor),
         BenchVariant("adadiff+compg", {"rate": 2.0, "k": 1.0},
-                     lambda _: [CompressGuidance(2.0, skew=1.0)], choose_steps=predicted_steps),
+                     lambda _: [CompressGuidance(2.0, skew=1.0)], choose_steps=predicted_steps,
+                     load_files=shipped_step_predictor),
     ]
 
 
@@ -192,15 +223,18 @@ def adapted_model(context: BenchContext) -> Any:
         from .adapters import load_adapters
         from .reference.adapters import SinglePassModel
         from .reference.weights import ADAPTERS_PATH
-        return SinglePassModel(context.model, load_adapters(ADAPTERS_PATH)[0], context.settings.scale)
+        adapters, metadata = load_adapters(ADAPTERS_PATH)
+        require_trained_for(context, metadata, ADAPTERS_PATH, "adapters")
+        return SinglePassModel(context.model, adapters, context.settings.scale)
 
     return context.prepared("agd adapters", load, is_cost=False)
 
 
 def agd_variants() -> list[BenchVariant]:
     """AGD: one adapted pass per step (ω = the benchmark's scale), alone and with AdaDiff's steps."""
-    return [BenchVariant("agd", {}, guided=False, single_pass=adapted_model),
-            BenchVariant("adadiff+agd", {}, guided=False, single_pass=adapted_model, choose_steps=predicted_steps)]
+    return [BenchVariant("agd", {}, guided=False, single_pass=adapted_model, load_files=adapted_model),
+            BenchVariant("adadiff+agd", {}, guided=False, single_pass=adapted_model, choose_steps=predicted_steps,
+                         load_files=lambda context: (adapted_model(context), shipped_step_predictor(context)))]
 
 
 #: every method's variants, in table order; later methods add their factory here

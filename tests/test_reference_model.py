@@ -8,10 +8,11 @@ from fastguidance.errors import TensorFileError
 from fastguidance.policies import AdaptiveGuidance
 from fastguidance.policies.adaptive import MAX_THRESHOLD
 from fastguidance.reference.classifier import adherence, attribute_accuracy
-from fastguidance.reference.model import to_image
+from fastguidance.reference.model import ModelConfig, ReferenceModel, coordinate_planes, to_image
 from fastguidance.reference.scenes import make_batch
-from fastguidance.reference.weights import (CLASSIFIER_PATH, MODEL_PATH, load_classifier, load_model,
-                                            save_classifier)
+from fastguidance.reference.weights import (CLASSIFIER_PATH, FORMAT_VERSION, MODEL_FORMAT, MODEL_PATH, load_classifier, load_model,
+                                            save_classifier, save_model)
+from fastguidance.tensorfile import load_tensor_file, save_tensor_file
 from fastguidance.sampling import sample
 from fastguidance.schedules import make_sigmas
 
@@ -30,6 +31,21 @@ def classifier():
 def prompts():
     batch = make_batch(24, seed=123, held_out=False)
     return batch.scenes
+
+
+@pytest.fixture(scope="module")
+def many_prompts():
+    """Enough prompts for adherence differences of a few points to be more than noise."""
+    return make_batch(64, seed=123, held_out=False).scenes
+
+
+@pytest.fixture(scope="module")
+def cfg_images(model, many_prompts):
+    return generate(model, many_prompts, scale=5.0)[0]
+
+
+#: share of named positions the classifier finds in CFG images of the position prompts below
+POSITION_ACCURACY = 0.7
 
 
 def generate(model, scenes, scale, steps=12, policies=(), seed=0):
@@ -66,13 +82,43 @@ def test_classifier_is_accurate_on_rendered_scenes(classifier):
     assert adherence(classifier, test.images, test.scenes).mean() >= 0.95
 
 
-def test_cfg_beats_no_guidance_on_adherence(model, classifier, prompts):
-    unguided, _ = generate(model, prompts, scale=1.0)
-    guided, _ = generate(model, prompts, scale=5.0)
-    margin = adherence(classifier, guided, prompts).mean() - adherence(classifier, unguided, prompts).mean()
-    # The 4,000-step model: +8.7 points on these 24 prompts, +10.7 on the benchmark's 96 (the issue's
-    # bar for judging methods is 20, not reached: see README). Here: CFG must clearly matter.
-    assert margin >= 0.06, f"CFG adds only {margin:.3f} adherence on the reference model"
+def test_cfg_beats_no_guidance_on_adherence(model, classifier, many_prompts, cfg_images):
+    unguided, _ = generate(model, many_prompts, scale=1.0)
+    margin = adherence(classifier, cfg_images, many_prompts).mean() - adherence(classifier, unguided, many_prompts).mean()
+    # The shipped model: +6.2 points on these 64 prompts at 12 steps, +15.5 on the benchmark's 96 at
+    # 20 steps (the issue's bar for judging methods is 20, not reached: see README). Here: CFG must
+    # clearly matter.
+    assert margin >= 0.04, f"CFG adds only {margin:.3f} adherence on the reference model"
+
+
+@pytest.mark.xfail(strict=True, reason="the reference model ignores position words: 'on the left', 'at the top' and no "
+                                       "position give the same pictures from the same noise (README, The reference model)")
+def test_cfg_puts_shapes_where_the_prompt_says(model, classifier):
+    """Named positions (chance level: 20%) should come out where the prompt puts them."""
+    from fastguidance.reference.classifier import predict
+    from fastguidance.reference.scenes import POSITIONS, parse_prompt
+
+    prompts = [f"a large {colour} {shape} {where}" for where in POSITIONS
+               for colour, shape in (("red", "circle"), ("blue", "square"))]
+    images, _ = generate(model, [parse_prompt(p) for p in prompts], scale=5.0)
+    predicted = predict(classifier, images)["position"]
+    right = sum(got == parse_prompt(p).position for got, p in zip(predicted, prompts))
+    assert right / len(prompts) >= POSITION_ACCURACY, list(zip(prompts, predicted))
+
+
+def test_adaptive_guidance_in_denoised_space_keeps_cfg_adherence_on_the_reference_model(model, classifier,
+                                                                                        many_prompts, cfg_images):
+    """The issue's CI check: AG skips evaluations within a stated tolerance (2 points) of CFG's adherence.
+
+    Measured on the shipped model: 19.6 of 24 evaluations per image at +0.1 points (bench, 20 steps:
+    19% fewer at −1.2). The paper's noise-space cosine cuts at the first step there (next test).
+    """
+    images, result = generate(model, many_prompts, scale=5.0,
+                              policies=[AdaptiveGuidance(threshold=0.9995, cosine_space="denoised")])
+    per_image = result.run.evaluations_per_sample()
+    assert sum(per_image) / len(per_image) <= 0.85 * 2 * 12
+    cfg = adherence(classifier, cfg_images, many_prompts).mean()
+    assert adherence(classifier, images, many_prompts).mean() >= cfg - 0.02
 
 
 def test_adaptive_guidance_skips_evaluations_on_the_reference_model(model, prompts):
@@ -81,14 +127,56 @@ def test_adaptive_guidance_skips_evaluations_on_the_reference_model(model, promp
     assert sum(per_image) / len(per_image) < 2 * 12
 
 
-@pytest.mark.xfail(strict=True, reason="on the reference model the noise-space cosine starts above 0.9999 and falls "
-                                       "during sampling (README, Measured results), the opposite of what Adaptive "
-                                       "Guidance needs; issue 3 asks for a model on which it rises")
+def mean_cosines(model, prompts, cosine_space):
+    _, result = generate(model, prompts, scale=5.0,
+                         policies=[AdaptiveGuidance(threshold=MAX_THRESHOLD, cosine_space=cosine_space)])
+    return [sum(v for v in record.cosine if v is not None) / len(prompts) for record in result.run.records]
+
+
+@pytest.mark.xfail(strict=True, reason="in noise space the first-step cosine is bounded near 1 (≥ 0.9906 for any two "
+                                       "pictures in [-1, 1] at σ = 14.6: README, Limits); on the reference model it "
+                                       "starts above 0.9999 and falls during sampling, so the premise does not hold")
 def test_cosine_rises_during_sampling_on_the_reference_model(model, prompts):
     """AG's premise (paper §3): γ = cos(x − c, x − u) rises towards 1, so a threshold cuts late steps."""
-    _, result = generate(model, prompts, scale=5.0, policies=[AdaptiveGuidance(threshold=MAX_THRESHOLD)])
-    cosines = [sum(v for v in record.cosine if v is not None) / len(prompts) for record in result.run.records]
+    cosines = mean_cosines(model, prompts, "noise")
     assert cosines[-1] > cosines[0] and cosines[0] < 0.991, cosines
+
+
+def test_denoised_cosine_starts_apart_and_rises_on_the_reference_model(model, prompts):
+    """The premise holds for γ = cos(c, u): below the paper's 0.991 at first, then rising to ~1."""
+    cosines = mean_cosines(model, prompts, "denoised")
+    assert cosines[0] < 0.991 and cosines[-1] > 0.999, cosines
+    rises = sum(later > earlier for earlier, later in zip(cosines, cosines[1:]))
+    assert rises >= len(cosines) - 2, cosines  # almost monotonic
+
+
+def test_coordinate_planes_say_where_each_pixel_is():
+    planes = coordinate_planes(torch.zeros(2, 3, 4, 6))
+    assert planes.shape == (2, 2, 4, 6)
+    xs, ys = planes[0, 0], planes[0, 1]
+    assert xs[:, 0].eq(-1).all() and xs[:, -1].eq(1).all() and (xs[:, 1:] > xs[:, :-1]).all()  # left → right
+    assert ys[0].eq(-1).all() and ys[-1].eq(1).all() and (ys[1:] > ys[:-1]).all()  # top → bottom
+
+
+def test_the_shipped_model_has_coordinate_planes(model):
+    assert model.config.coordinates and model.unet.conv_in.in_channels == 5
+
+
+def test_files_saved_before_coordinate_planes_still_load(tmp_path):
+    torch.manual_seed(0)
+    old = ReferenceModel(ModelConfig(width=8, coordinates=False))
+    path = tmp_path / "old.safetensors"
+    save_model(old, {"steps": 1}, path)
+    tensors, metadata = load_tensor_file(path, MODEL_FORMAT, FORMAT_VERSION)
+    del metadata["config"]["coordinates"]  # as written before the option existed
+    save_tensor_file(path, tensors, metadata, overwrite=True)
+    loaded = load_model(path)
+    assert not loaded.config.coordinates and loaded.unet.conv_in.in_channels == 3
+    old = old.half().float().eval()  # the file stores fp16
+    x, sigma = torch.randn(1, 3, 32, 32), torch.tensor([2.0])
+    with torch.no_grad():
+        expected = old.denoise(x, sigma, [old.encode(["a red circle"])])[0]
+        assert torch.allclose(loaded.denoise(x, sigma, [loaded.encode(["a red circle"])])[0], expected, atol=1e-5)
 
 
 def test_corrupt_and_foreign_files_are_refused(tmp_path, classifier):
@@ -104,3 +192,29 @@ def test_corrupt_and_foreign_files_are_refused(tmp_path, classifier):
         load_model(foreign)
     with pytest.raises(FileExistsError):
         save_classifier(classifier, {}, foreign)
+
+
+def test_shipped_predictor_and_adapters_were_trained_on_the_shipped_model(model):
+    """Retraining the model makes the step predictor and adapters stale; the bench refuses them."""
+    from fastguidance.adapters import load_adapters
+    from fastguidance.fingerprint import weights_fingerprint
+    from fastguidance.reference.weights import ADAPTERS_PATH, STEP_PREDICTOR_PATH
+    from fastguidance.step_predictor import load_step_predictor
+
+    fingerprint = weights_fingerprint(model.state_dict().items())
+    assert load_step_predictor(STEP_PREDICTOR_PATH)[1]["model_fingerprint"] == fingerprint
+    assert load_adapters(ADAPTERS_PATH)[1]["model_fingerprint"] == fingerprint
+
+
+def test_bench_refuses_files_trained_on_another_model():
+    from fastguidance.bench_methods import BenchContext, require_trained_for
+
+    from fastguidance.fingerprint import weights_fingerprint
+
+    model = ReferenceModel(ModelConfig(width=8))
+    context = BenchContext(model, settings=None, sigmas=torch.ones(2), uncond=None)
+    require_trained_for(context, {"model_fingerprint": weights_fingerprint(model.state_dict().items())}, "a", "adapters")
+    with pytest.raises(TensorFileError, match="retrain it with `python -m fastguidance.reference.train adapters"):
+        require_trained_for(context, {"model_fingerprint": "0123"}, "adapters.safetensors", "adapters")
+    with pytest.raises(TensorFileError, match="no fingerprint"):
+        require_trained_for(context, {}, "adapters.safetensors", "adapters")

@@ -99,8 +99,12 @@ class ModelConfig:
     heads: int = 4
     time_dim: int = 128
     vocabulary_size: int = len(_vocabulary())
+    #: two extra input planes holding each pixel's (x, y) in [-1, 1] (CoordConv, Liu et al. 2018), so
+    #: that "on the left" can be told from position alone, not only from the zero padding at the
+    #: borders. False only for files saved before the option existed.
+    coordinates: bool = True
 
-    def to_dict(self) -> dict[str, int]:
+    def to_dict(self) -> dict[str, int | bool]:
         return dict(self.__dict__)
 
 
@@ -129,6 +133,15 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
     frequencies = torch.exp(-math.log(10000.0) * torch.arange(half, device=timesteps.device) / half)
     angles = timesteps.float()[:, None] * frequencies[None]
     return torch.cat([angles.cos(), angles.sin()], dim=1)
+
+
+def coordinate_planes(x: torch.Tensor) -> torch.Tensor:
+    """``[B, 2, H, W]``: each pixel's x and y, from -1 (left, top) to 1 (right, bottom) (CoordConv,
+    Liu et al. 2018, "An intriguing failing of convolutional neural networks and the CoordConv solution")."""
+    batch, _, height, width = x.shape
+    ys = torch.linspace(-1.0, 1.0, height, device=x.device, dtype=x.dtype).reshape(1, 1, height, 1).expand(batch, 1, height, width)
+    xs = torch.linspace(-1.0, 1.0, width, device=x.device, dtype=x.dtype).reshape(1, 1, 1, width).expand(batch, 1, height, width)
+    return torch.cat([xs, ys], dim=1)
 
 
 class ResBlock(nn.Module):
@@ -186,7 +199,7 @@ class SceneUNet(nn.Module):
         self.config = config
         self.time_mlp = nn.Sequential(nn.Linear(c1, t), nn.SiLU(), nn.Linear(t, t))
         self.pooled_proj = nn.Linear(d, t)
-        self.conv_in = nn.Conv2d(3, c1, 3, padding=1)
+        self.conv_in = nn.Conv2d(3 + 2 * config.coordinates, c1, 3, padding=1)
         self.down1 = ResBlock(c1, c1, t)
         self.down2 = ResBlock(c1, c2, t)
         self.attn_down2 = CrossAttentionBlock(c2, d, heads, "input_16")
@@ -207,6 +220,8 @@ class SceneUNet(nn.Module):
                 options: dict[str, Any] | None = None) -> torch.Tensor:
         options = options or {}
         emb = self.time_mlp(timestep_embedding(timesteps, self.config.width)) + self.pooled_proj(text.pooled)
+        if self.config.coordinates:
+            x = torch.cat([x, coordinate_planes(x)], dim=1)
         h1 = self.down1(self.conv_in(x), emb)  # 32×32
         h2 = self.attn_down2(self.down2(F.avg_pool2d(h1, 2), emb), text, options)  # 16×16
         h3 = self.attn_down3(self.down3(F.avg_pool2d(h2, 2), emb), text, options)  # 8×8
