@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -35,6 +33,7 @@ import torch
 PACK_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PACK_DIR / "tests" / "comfy"))
 import host_models  # noqa: E402
+from host_overhead import timed  # noqa: E402  (one median timer for the benchmarks)
 
 GB = 1 << 30
 WIDTH = 160  # Train Guidance Adapter's default adapter_width
@@ -132,12 +131,7 @@ def measure_cpu_times(glue, adapters_module, repeats: int) -> dict:
 
     def median_seconds(fn) -> float:
         fn()  # warm-up
-        times = []
-        for _ in range(repeats):
-            began = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - began)
-        return statistics.median(times)
+        return timed(fn, repeats)
 
     forward_s = median_seconds(lambda: forward(1))
     cfg_step_s = median_seconds(lambda: forward(2))
