@@ -8,7 +8,10 @@ from fastguidance.errors import TensorFileError
 from fastguidance.policies import AdaptiveGuidance
 from fastguidance.policies.adaptive import MAX_THRESHOLD
 from fastguidance.reference.classifier import adherence, attribute_accuracy
-from fastguidance.reference.model import ModelConfig, ReferenceModel, coordinate_planes, to_image
+from fastguidance.errors import InvalidInputError
+from fastguidance.reference.model import (CrossAttentionBlock, ModelConfig, ReferenceModel, TextConditioning, coordinate_planes,
+                                         to_image)
+from fastguidance.reference.train import _loss_weights, train_model
 from fastguidance.reference.scenes import make_batch
 from fastguidance.reference.weights import (CLASSIFIER_PATH, FORMAT_VERSION, MODEL_FORMAT, MODEL_PATH, load_classifier, load_model,
                                             save_classifier, save_model)
@@ -162,16 +165,61 @@ def test_the_shipped_model_has_coordinate_planes(model):
     assert model.config.coordinates and model.unet.conv_in.in_channels == 5
 
 
-def test_files_saved_before_coordinate_planes_still_load(tmp_path):
+def test_query_coordinates_make_cross_attention_depend_on_where_the_pixel_is():
     torch.manual_seed(0)
-    old = ReferenceModel(ModelConfig(width=8, coordinates=False))
+    block = CrossAttentionBlock(16, 8, 2, "test", query_coordinates=True).eval()
+    text = TextConditioning(torch.randn(1, 3, 8), torch.randn(1, 8), torch.ones(1, 3, dtype=torch.bool))
+    features = torch.randn(1, 16, 1, 1).expand(1, 16, 4, 4).contiguous()  # the same features at every pixel
+    with torch.no_grad():
+        out = block(features, text, {})
+        block.query_position = None
+        plain = block(features, text, {})
+    assert torch.allclose(plain, plain[..., :1, :1].expand_as(plain), atol=1e-6)  # no way to tell pixels apart
+    assert (out - out[..., :1, :1]).abs().amax() > 1e-3  # now the answer depends on the pixel's place
+
+
+def test_v_weighting_is_the_v_prediction_loss_of_an_epsilon_model():
+    """Salimans & Ho 2022: with α = 1/√(1+σ²), s = σ/√(1+σ²), v = α·ε − s·x0. An epsilon model's
+    v̂ (from its x̂0 = x − σ·ε̂) misses v by (1 + σ²)·‖ε̂ − ε‖² — the weight train_model uses."""
+    torch.manual_seed(0)
+    x0, eps, eps_hat = torch.randn(3, 4, 3, 8, 8).unbind(0)
+    sigma = torch.tensor([0.05, 1.0, 3.0, 14.6]).reshape(-1, 1, 1, 1)
+    x = x0 + sigma * eps
+    alpha, s = 1 / torch.sqrt(1 + sigma**2), sigma / torch.sqrt(1 + sigma**2)
+    v, v_hat = alpha * eps - s * x0, alpha * eps_hat - s * (x - sigma * eps_hat)
+    v_loss = (v_hat - v).pow(2).mean(dim=(1, 2, 3))
+    weighted = (eps_hat - eps).pow(2).mean(dim=(1, 2, 3)) * _loss_weights("v")(sigma.flatten())
+    assert torch.allclose(v_loss, weighted, rtol=1e-5)
+    assert torch.equal(_loss_weights("epsilon")(sigma.flatten()), torch.ones(4))
+
+
+def test_a_v_weighted_model_with_query_coordinates_trains_and_says_how():
+    model, info = train_model(steps=2, batch=2, config=ModelConfig(width=8, query_coordinates=True), loss_weighting="v")
+    assert info["loss_weighting"] == "v" and model.config.query_coordinates
+    assert all(block.query_position is not None for block in (model.unet.attn_down2, model.unet.attn_up2))
+
+
+def test_an_unknown_loss_weighting_is_refused_before_training():
+    with pytest.raises(InvalidInputError, match="loss_weighting.*v, epsilon"):
+        train_model(steps=1, batch=2, config=ModelConfig(width=8), loss_weighting="snr")
+
+
+@pytest.mark.parametrize("option", ["coordinates", "query_coordinates"])
+def test_files_saved_before_an_option_existed_still_load(tmp_path, option):
+    torch.manual_seed(0)
+    flags = {"coordinates": False, "query_coordinates": False}
+    if option == "query_coordinates":
+        flags["coordinates"] = True  # the previous shipped model: planes, no query coordinates
+    old = ReferenceModel(ModelConfig(width=8, **flags))
     path = tmp_path / "old.safetensors"
     save_model(old, {"steps": 1}, path)
     tensors, metadata = load_tensor_file(path, MODEL_FORMAT, FORMAT_VERSION)
-    del metadata["config"]["coordinates"]  # as written before the option existed
+    for key in ("coordinates", "query_coordinates") if option == "coordinates" else ("query_coordinates",):
+        del metadata["config"][key]  # as written before the option existed
     save_tensor_file(path, tensors, metadata, overwrite=True)
     loaded = load_model(path)
-    assert not loaded.config.coordinates and loaded.unet.conv_in.in_channels == 3
+    assert loaded.config.to_dict() == old.config.to_dict()
+    assert loaded.unet.conv_in.in_channels == (5 if flags["coordinates"] else 3)
     old = old.half().float().eval()  # the file stores fp16
     x, sigma = torch.randn(1, 3, 32, 32), torch.tensor([2.0])
     with torch.no_grad():

@@ -103,6 +103,10 @@ class ModelConfig:
     #: that "on the left" can be told from position alone, not only from the zero padding at the
     #: borders. False only for files saved before the option existed.
     coordinates: bool = True
+    #: each cross-attention block adds a learned projection of the pixel's (x, y) to its queries, so
+    #: that a pixel can attend to "left" or "top" by where it is. Off in the shipped model; with it
+    #: and the "v" loss weighting a model learns position words (README, The reference model).
+    query_coordinates: bool = False
 
     def to_dict(self) -> dict[str, int | bool]:
         return dict(self.__dict__)
@@ -164,9 +168,10 @@ class ResBlock(nn.Module):
 class CrossAttentionBlock(nn.Module):
     """Self-attention, cross-attention to the prompt tokens, feed-forward (a SpatialTransformer)."""
 
-    def __init__(self, channels: int, text_dim: int, heads: int, name: str):
+    def __init__(self, channels: int, text_dim: int, heads: int, name: str, query_coordinates: bool = False):
         super().__init__()
         self.name = name
+        self.query_position = nn.Linear(2, channels) if query_coordinates else None
         self.norm_in = nn.GroupNorm(8, channels)
         self.norm1 = nn.LayerNorm(channels)
         self.attn1 = nn.MultiheadAttention(channels, heads, batch_first=True)
@@ -181,6 +186,8 @@ class CrossAttentionBlock(nn.Module):
         q = self.norm1(h)
         h = h + self.attn1(q, q, q, need_weights=False)[0]
         q = self.norm2(h)
+        if self.query_position is not None:
+            q = q + self.query_position(coordinate_planes(x).flatten(2).transpose(1, 2))
         n = self.attn2(q, text.tokens, text.tokens, key_padding_mask=~text.mask, need_weights=False)[0]
         for patch in options.get("attn2_output", ()):
             n = patch(n, {"block": self.name, **options})
@@ -202,16 +209,16 @@ class SceneUNet(nn.Module):
         self.conv_in = nn.Conv2d(3 + 2 * config.coordinates, c1, 3, padding=1)
         self.down1 = ResBlock(c1, c1, t)
         self.down2 = ResBlock(c1, c2, t)
-        self.attn_down2 = CrossAttentionBlock(c2, d, heads, "input_16")
+        self.attn_down2 = CrossAttentionBlock(c2, d, heads, "input_16", config.query_coordinates)
         self.down3 = ResBlock(c2, c3, t)
-        self.attn_down3 = CrossAttentionBlock(c3, d, heads, "input_8")
+        self.attn_down3 = CrossAttentionBlock(c3, d, heads, "input_8", config.query_coordinates)
         self.mid1 = ResBlock(c3, c3, t)
-        self.attn_mid = CrossAttentionBlock(c3, d, heads, "middle_8")
+        self.attn_mid = CrossAttentionBlock(c3, d, heads, "middle_8", config.query_coordinates)
         self.mid2 = ResBlock(c3, c3, t)
         self.up3 = ResBlock(c3 + c3, c3, t)
-        self.attn_up3 = CrossAttentionBlock(c3, d, heads, "output_8")
+        self.attn_up3 = CrossAttentionBlock(c3, d, heads, "output_8", config.query_coordinates)
         self.up2 = ResBlock(c3 + c2, c2, t)
-        self.attn_up2 = CrossAttentionBlock(c2, d, heads, "output_16")
+        self.attn_up2 = CrossAttentionBlock(c2, d, heads, "output_16", config.query_coordinates)
         self.up1 = ResBlock(c2 + c1, c1, t)
         self.norm_out = nn.GroupNorm(8, c1)
         self.conv_out = nn.Conv2d(c1, 3, 3, padding=1)

@@ -30,8 +30,8 @@ def save_model(model: ReferenceModel, info: dict, path: Path = MODEL_PATH, overw
 def load_model(path: Path = MODEL_PATH, device: str | torch.device = "cpu") -> ReferenceModel:
     """The reference model in fp32 and eval mode (stored in fp16 to keep the file small)."""
     tensors, metadata = load_tensor_file(path, MODEL_FORMAT, FORMAT_VERSION, MISSING_HINT)
-    # files saved before the coordinate planes existed have no such key and no such input channels
-    model = ReferenceModel(ModelConfig(**{"coordinates": False, **metadata["config"]}))
+    # files saved before an option existed have no such key and no such layers: the option is off
+    model = ReferenceModel(ModelConfig(**{"coordinates": False, "query_coordinates": False, **metadata["config"]}))
     model.load_state_dict({k: v.float() for k, v in tensors.items()})
     model.metadata = metadata
     return model.to(device).eval().requires_grad_(False)
