@@ -1,6 +1,6 @@
 """Which prompt attributes a reference model follows, with and without CFG.
 
-    .venv/bin/python benchmarks/attribute_adherence.py [MODEL.safetensors] [--prompts 128] [--scales 1,5,8]
+    .venv/bin/python benchmarks/attribute_adherence.py [MODEL.safetensors] [--prompts 128] [--scales 1,5,8] [--steps 20]
 
 The benchmark's adherence is one number per image. To judge a (re)trained reference model we need
 to know *what* it follows: this samples the same training prompts from the same noise at a few CFG
@@ -9,9 +9,10 @@ adherence classifier finds right (positions: chance is 20%; a pair's axis: 50%).
 
 It also prints the high-noise position probe: the horizontal centre of "redness" in the model's
 denoised prediction from pure noise at the highest noise level, for "a large red circle on the
-left / on the right". A model that has learned where things go shows about 9 and 23 (the centres of
-those positions in the 32-pixel renders); one that ignores position words shows about 16 for both,
-because at that noise the prompt alone decides where the object will be.
+left / on the right", in pixels from the left edge. A model that has learned where things go shows
+about 8.5 and 23.5 (the centres of those positions in the 32-pixel renders); one that ignores
+position words shows about 16 for both, although at that noise only the prompt can say where the
+object will be.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def position_probe(model: ReferenceModel, samples: int = 32) -> dict[str, float]
     sigmas = model.schedule.sigmas
     timestep, sigma = len(sigmas) - 1, sigmas[-1]
     x = torch.randn(samples, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * sigma
-    columns = torch.arange(32, dtype=torch.float32)
+    columns = torch.arange(32, dtype=torch.float32) + 0.5  # pixel centres, as scenes.py draws them
     centres = {}
     for where in ("on the left", "on the right"):
         with torch.no_grad():
@@ -50,11 +51,21 @@ def position_probe(model: ReferenceModel, samples: int = 32) -> dict[str, float]
     return centres
 
 
+def _scales(text: str) -> list[float]:
+    try:
+        scales = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers, e.g. 1,5,8") from None
+    if any(scale < 1 for scale in scales):
+        raise argparse.ArgumentTypeError(f"{text!r}: CFG scales start at 1 (no guidance)")
+    return scales
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?", type=Path, default=MODEL_PATH, help="reference model file (default: the shipped one)")
     parser.add_argument("--prompts", type=int, default=128, help="training prompts to sample (default 128)")
-    parser.add_argument("--scales", default="1,5,8", help="CFG scales, comma-separated; 1 = no guidance (default 1,5,8)")
+    parser.add_argument("--scales", type=_scales, default="1,5,8", help="CFG scales, comma-separated; 1 = no guidance (default 1,5,8)")
     parser.add_argument("--steps", type=int, default=20, help="dpmpp_2m/karras steps (default 20)")
     options = parser.parse_args(argv)
     model, classifier = load_model(options.model), load_classifier()
@@ -65,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     with torch.no_grad():
         cond, uncond = model.encode([s.prompt for s in scenes]), model.encode([""])
     print(f"{options.model.name}: {options.prompts} training prompts, {options.steps} steps dpmpp_2m/karras")
-    for scale in (float(s) for s in options.scales.split(",")):
+    for scale in options.scales:
         images = []
         for start in range(0, len(scenes), 32):
             rows = slice(start, start + 32)
@@ -83,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"scale {scale:g}: adherence {overall:.3f}  "
               + "  ".join(f"{key} {right[key] / named[key]:.2f} ({named[key]})" for key in sorted(named)), flush=True)
     centres = position_probe(model)
-    print("high-noise position probe (redness centre, x in pixels; learned ≈ 9 / 23, ignored ≈ 16 / 16): "
+    print("high-noise position probe (redness centre, x in pixels; learned ≈ 8.5 / 23.5, ignored ≈ 16 / 16): "
           + ", ".join(f"{where} {centre:.1f}" for where, centre in centres.items()))
 
 

@@ -4,15 +4,14 @@
 import pytest
 import torch
 
-from fastguidance.errors import TensorFileError
+from fastguidance.errors import InvalidInputError, TensorFileError
 from fastguidance.policies import AdaptiveGuidance
 from fastguidance.policies.adaptive import MAX_THRESHOLD
 from fastguidance.reference.classifier import adherence, attribute_accuracy
-from fastguidance.errors import InvalidInputError
 from fastguidance.reference.model import (CrossAttentionBlock, ModelConfig, ReferenceModel, TextConditioning, coordinate_planes,
                                          to_image)
-from fastguidance.reference.train import _loss_weights, train_model
 from fastguidance.reference.scenes import make_batch
+from fastguidance.reference.train import _loss_weights, diffusion_loss, train_model
 from fastguidance.reference.weights import (CLASSIFIER_PATH, FORMAT_VERSION, MODEL_FORMAT, MODEL_PATH, load_classifier, load_model,
                                             save_classifier, save_model)
 from fastguidance.tensorfile import load_tensor_file, save_tensor_file
@@ -172,7 +171,7 @@ def test_query_coordinates_make_cross_attention_depend_on_where_the_pixel_is():
     features = torch.randn(1, 16, 1, 1).expand(1, 16, 4, 4).contiguous()  # the same features at every pixel
     with torch.no_grad():
         out = block(features, text, {})
-        block.query_position = None
+        block.coordinates_to_query = None
         plain = block(features, text, {})
     assert torch.allclose(plain, plain[..., :1, :1].expand_as(plain), atol=1e-6)  # no way to tell pixels apart
     assert (out - out[..., :1, :1]).abs().amax() > 1e-3  # now the answer depends on the pixel's place
@@ -196,11 +195,23 @@ def test_v_weighting_is_the_v_prediction_loss_of_an_epsilon_model():
 def test_a_v_weighted_model_with_query_coordinates_trains_and_says_how():
     model, info = train_model(steps=2, batch=2, config=ModelConfig(width=8, query_coordinates=True), loss_weighting="v")
     assert info["loss_weighting"] == "v" and model.config.query_coordinates
-    assert all(block.query_position is not None for block in (model.unet.attn_down2, model.unet.attn_up2))
+    blocks = (model.unet.attn_down2, model.unet.attn_down3, model.unet.attn_mid, model.unet.attn_up3, model.unet.attn_up2)
+    assert all(block.coordinates_to_query is not None for block in blocks)
+
+
+def test_the_v_loss_weighs_each_example_by_one_plus_sigma_squared_over_the_schedule_mean():
+    torch.manual_seed(0)
+    prediction, noise = torch.randn(2, 3, 3, 4, 4).unbind(0)
+    sigma, schedule = torch.tensor([0.1, 2.0, 14.6]), torch.tensor([0.1, 1.0, 2.0, 14.6])
+    per_example = (prediction - noise).pow(2).mean(dim=(1, 2, 3))
+    expected = (per_example * (1 + sigma**2)).sum() / 3 / (1 + schedule**2).mean()
+    assert torch.allclose(diffusion_loss(prediction, noise, sigma, schedule, "v"), expected)
+    # the default is bit for bit the loss the shipped model was trained with
+    assert torch.equal(diffusion_loss(prediction, noise, sigma, schedule), torch.nn.functional.mse_loss(prediction, noise))
 
 
 def test_an_unknown_loss_weighting_is_refused_before_training():
-    with pytest.raises(InvalidInputError, match="loss_weighting.*v, epsilon"):
+    with pytest.raises(InvalidInputError, match="loss_weighting.*use one of"):
         train_model(steps=1, batch=2, config=ModelConfig(width=8), loss_weighting="snr")
 
 

@@ -103,9 +103,10 @@ class ModelConfig:
     #: that "on the left" can be told from position alone, not only from the zero padding at the
     #: borders. False only for files saved before the option existed.
     coordinates: bool = True
-    #: each cross-attention block adds a learned projection of the pixel's (x, y) to its queries, so
-    #: that a pixel can attend to "left" or "top" by where it is. Off in the shipped model; with it
-    #: and the "v" loss weighting a model learns position words (README, The reference model).
+    #: each cross-attention block adds a learned projection of the pixel's (x, y) to its
+    #: cross-attention queries (not self-attention's), so that a pixel can attend to "left" or "top"
+    #: by where it is. Off in the shipped model: with it and the "v" loss weighting a model learned
+    #: position words but lost shapes (README, The reference model).
     query_coordinates: bool = False
 
     def to_dict(self) -> dict[str, int | bool]:
@@ -171,7 +172,7 @@ class CrossAttentionBlock(nn.Module):
     def __init__(self, channels: int, text_dim: int, heads: int, name: str, query_coordinates: bool = False):
         super().__init__()
         self.name = name
-        self.query_position = nn.Linear(2, channels) if query_coordinates else None
+        self.coordinates_to_query = nn.Linear(2, channels) if query_coordinates else None
         self.norm_in = nn.GroupNorm(8, channels)
         self.norm1 = nn.LayerNorm(channels)
         self.attn1 = nn.MultiheadAttention(channels, heads, batch_first=True)
@@ -186,8 +187,8 @@ class CrossAttentionBlock(nn.Module):
         q = self.norm1(h)
         h = h + self.attn1(q, q, q, need_weights=False)[0]
         q = self.norm2(h)
-        if self.query_position is not None:
-            q = q + self.query_position(coordinate_planes(x).flatten(2).transpose(1, 2))
+        if self.coordinates_to_query is not None:
+            q = q + self.coordinates_to_query(coordinate_planes(x).flatten(2).transpose(1, 2))
         n = self.attn2(q, text.tokens, text.tokens, key_padding_mask=~text.mask, need_weights=False)[0]
         for patch in options.get("attn2_output", ()):
             n = patch(n, {"block": self.name, **options})

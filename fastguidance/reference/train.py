@@ -85,15 +85,8 @@ def train_model(steps: int = 4000, batch: int = 64, seed: int = 0, lr: float = 1
     empty prompt with probability ``drop_rate`` so that CFG has an unconditional model to use
     (Ho & Salimans 2022, §3.2). Returns the EMA weights.
 
-    ``loss_weighting`` "epsilon" (the shipped model's) is DDPM's plain ‖ε̂ − ε‖² (Ho et al. 2020,
-    Eq. 14); "v" weighs it by 1 + σ², which is the v-prediction loss ‖v̂ − v‖² (Salimans & Ho 2022,
-    §4) written for an epsilon model. Why offer it: the epsilon loss weighs an error of the denoised
-    picture by 1/σ² (x̂0 = x − σ·ε̂), so at high noise, the only place where the prompt alone decides
-    where an object goes, a misplaced object costs ~1/200 of what it costs at σ = 1. With "v" and
-    ``ModelConfig.query_coordinates`` a model learns position words, but at 3,800 steps it lost
-    shapes (README, The reference model). The weights are divided by their mean over the schedule
-    to keep the loss readable."""
-    weight_of_sigma = _loss_weights(loss_weighting)
+    ``loss_weighting``: see :func:`diffusion_loss`."""
+    _loss_weights(loss_weighting)  # refuse an unknown weighting before any work
     torch.manual_seed(seed)
     model = ReferenceModel(config)
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -113,11 +106,7 @@ def train_model(steps: int = 4000, batch: int = 64, seed: int = 0, lr: float = 1
         x = x0 + sigma.reshape(-1, 1, 1, 1) * noise
         text = model.text_encoder(model.tokenizer(prompts))
         prediction = model.unet(x / torch.sqrt(sigma.reshape(-1, 1, 1, 1) ** 2 + 1), timesteps, text)
-        if loss_weighting == "epsilon":  # the exact operation the shipped model was trained with
-            loss = torch.nn.functional.mse_loss(prediction, noise)
-        else:
-            per_example = (prediction - noise).pow(2).mean(dim=(1, 2, 3))
-            loss = (per_example * weight_of_sigma(sigma)).mean() / weight_of_sigma(sigmas).mean()
+        loss = diffusion_loss(prediction, noise, sigma, sigmas, loss_weighting)
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, steps, lr, 200)
         optimizer.zero_grad(set_to_none=True)
@@ -140,11 +129,32 @@ def train_model(steps: int = 4000, batch: int = 64, seed: int = 0, lr: float = 1
     return ema, info
 
 
-LOSS_WEIGHTINGS = ("v", "epsilon")
+LOSS_WEIGHTINGS = ("epsilon", "v")
+
+
+def diffusion_loss(prediction: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, schedule_sigmas: torch.Tensor,
+                   loss_weighting: str = "epsilon") -> torch.Tensor:
+    """The training loss of an epsilon-prediction model.
+
+    "epsilon" (the shipped model's) is DDPM's plain ‖ε̂ − ε‖² (Ho et al. 2020, Eq. 14), computed by
+    the same operation as before the option existed. "v" weighs each example's ‖ε̂ − ε‖² by
+    (1 + σ²) / (the mean of 1 + σ² over ``schedule_sigmas``): 1 + σ² makes it the v-prediction loss
+    ‖v̂ − v‖² (Salimans & Ho 2022, §4) of an epsilon model; the division keeps its scale near the
+    epsilon loss's, but the two losses are not comparable numbers (weights run from 0.05 to 10 on
+    Stable Diffusion's schedule; the top tenth of the timesteps carries 60% of the weight). Why
+    offer it: the epsilon loss weighs an error of the denoised picture by 1/σ² (x̂0 = x − σ·ε̂), so at
+    high noise, the only place where the prompt alone decides where an object goes, a misplaced
+    object costs ~1/200 of what it costs at σ = 1.
+    """
+    weight_of_sigma = _loss_weights(loss_weighting)
+    if loss_weighting == "epsilon":
+        return torch.nn.functional.mse_loss(prediction, noise)
+    per_example = (prediction - noise).pow(2).mean(dim=(1, 2, 3))
+    return (per_example * weight_of_sigma(sigma)).mean() / weight_of_sigma(schedule_sigmas).mean()
 
 
 def _loss_weights(name: str):
-    """σ → weight of the epsilon loss, per :func:`train_model`'s ``loss_weighting``."""
+    """σ → weight of the epsilon loss before normalisation, per :func:`diffusion_loss`."""
     if name == "v":
         return lambda sigma: 1.0 + sigma**2
     if name == "epsilon":
@@ -224,13 +234,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--width", type=int, default=ModelConfig.width, help="model channels at 32×32")
     parser.add_argument("--loss-weighting", choices=LOSS_WEIGHTINGS, default="epsilon",
-                        help="model: weight of the epsilon loss per noise level (default epsilon = 1; v = 1 + σ²)")
+                        help="model: weight of the epsilon loss per noise level (default epsilon = 1; v = (1 + σ²) / its schedule mean)")
     parser.add_argument("--query-coordinates", action="store_true",
                         help="model: add each pixel's (x, y) to the cross-attention queries (ModelConfig.query_coordinates)")
     parser.add_argument("--cost-weight", type=float, default=0.1, help="step_predictor: λ of the reward (default 0.1)")
     parser.add_argument("--out", type=Path, help="output file (default: the shipped weights)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing file")
     options = parser.parse_args(argv)
+    if options.what != "model" and (options.loss_weighting != "epsilon" or options.query_coordinates):
+        parser.error("--loss-weighting and --query-coordinates only apply to `model`")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if options.what == "adapters":
