@@ -27,25 +27,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fastguidance.reference.classifier import adherence, predict  # noqa: E402
-from fastguidance.reference.model import ReferenceModel, to_image  # noqa: E402
+from fastguidance.reference.model import ReferenceModel  # noqa: E402
 from fastguidance.reference.scenes import random_scene  # noqa: E402
+from fastguidance.reference.train import render_prompts  # noqa: E402
 from fastguidance.reference.weights import MODEL_PATH, load_classifier, load_model  # noqa: E402
-from fastguidance.sampling import sample  # noqa: E402
-from fastguidance.schedules import make_sigmas  # noqa: E402
 
 
 def position_probe(model: ReferenceModel, samples: int = 32) -> dict[str, float]:
     """Horizontal centre of redness in the denoised prediction at the highest noise level."""
-    sigmas = model.schedule.sigmas
-    timestep, sigma = len(sigmas) - 1, sigmas[-1]
-    x = torch.randn(samples, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * sigma
+    sigma = model.schedule.sigmas[-1].expand(samples)
+    x = torch.randn(samples, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * sigma[0]
     columns = torch.arange(32, dtype=torch.float32) + 0.5  # pixel centres, as scenes.py draws them
     centres = {}
     for where in ("on the left", "on the right"):
         with torch.no_grad():
-            text = model.encode([f"a large red circle {where}"] * samples)
-            eps = model.unet(x / torch.sqrt(sigma**2 + 1), torch.full((samples,), timestep), text)
-        denoised = x - sigma * eps
+            denoised = model.denoise(x, sigma, [model.encode([f"a large red circle {where}"])])[0]
         redness = (denoised[:, 0] - denoised[:, 1:].mean(dim=1)).mean(dim=0).clamp(min=0).sum(dim=0)
         centres[where] = float((redness * columns).sum() / redness.sum())
     return centres
@@ -72,18 +68,10 @@ def main(argv: list[str] | None = None) -> None:
     rng = random.Random(0)
     scenes = [random_scene(rng, held_out=False) for _ in range(options.prompts)]
     noise = torch.randn(len(scenes), 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    sigmas = make_sigmas(model.schedule, "karras", options.steps)
-    with torch.no_grad():
-        cond, uncond = model.encode([s.prompt for s in scenes]), model.encode([""])
     print(f"{options.model.name}: {options.prompts} training prompts, {options.steps} steps dpmpp_2m/karras")
     for scale in options.scales:
-        images = []
-        for start in range(0, len(scenes), 32):
-            rows = slice(start, start + 32)
-            with torch.no_grad():
-                latent = sample(model, noise[rows], sigmas, cond.select(rows), uncond, scale, "dpmpp_2m").latent
-            images.append(to_image(latent))
-        images = torch.cat(images)
+        with torch.no_grad():
+            images = render_prompts(model, [s.prompt for s in scenes], noise, options.steps, scale, "dpmpp_2m", "karras")
         predicted = predict(classifier, images)
         right, named = collections.Counter(), collections.Counter()
         for row, scene in enumerate(scenes):

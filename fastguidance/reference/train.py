@@ -146,9 +146,9 @@ def diffusion_loss(prediction: torch.Tensor, noise: torch.Tensor, sigma: torch.T
     high noise, the only place where the prompt alone decides where an object goes, a misplaced
     object costs ~1/200 of what it costs at σ = 1.
     """
-    weight_of_sigma = _loss_weights(loss_weighting)
     if loss_weighting == "epsilon":
         return torch.nn.functional.mse_loss(prediction, noise)
+    weight_of_sigma = _loss_weights(loss_weighting)
     per_example = (prediction - noise).pow(2).mean(dim=(1, 2, 3))
     return (per_example * weight_of_sigma(sigma)).mean() / weight_of_sigma(schedule_sigmas).mean()
 
@@ -173,8 +173,9 @@ def reference_prompt_features(model: ReferenceModel, prompts: list[str]) -> torc
 
 
 @torch.no_grad()
-def _render_prompts(model: ReferenceModel, prompts: list[str], noise: torch.Tensor, steps: int, scale: float,
-                    sampler: str, scheduler: str, batch: int = 32) -> torch.Tensor:
+def render_prompts(model: ReferenceModel, prompts: list[str], noise: torch.Tensor, steps: int, scale: float,
+                   sampler: str, scheduler: str, batch: int = 32) -> torch.Tensor:
+    """Images in [0, 1] of ``prompts`` from ``noise`` with CFG at ``scale`` (1 = no guidance), in batches."""
     sigmas = make_sigmas(model.schedule, scheduler, steps)
     uncond = model.encode([""])
     images = []
@@ -197,14 +198,14 @@ def train_reference_step_predictor(model: ReferenceModel, options=REFERENCE_STEP
     with torch.no_grad():
         features = reference_prompt_features(model, pool)
     max_steps = max(options)
-    reference = _render_prompts(model, pool, noise, max_steps, scale, sampler, scheduler)
+    reference = render_prompts(model, pool, noise, max_steps, scale, sampler, scheduler)
 
     def quality_of(rows: torch.Tensor, steps: list[int]) -> torch.Tensor:
         quality = torch.zeros(len(rows))
         for chosen in sorted(set(steps)):
             where = [i for i, s in enumerate(steps) if s == chosen]
             picked = rows[where]
-            images = reference[picked] if chosen == max_steps else _render_prompts(
+            images = reference[picked] if chosen == max_steps else render_prompts(
                 model, [pool[i] for i in picked.tolist()], noise[picked], chosen, scale, sampler, scheduler)
             quality[where] = ssim(images, reference[picked]).float()
         return quality
