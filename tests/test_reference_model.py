@@ -210,6 +210,18 @@ def test_the_v_loss_weighs_each_example_by_one_plus_sigma_squared_over_the_sched
     assert torch.equal(diffusion_loss(prediction, noise, sigma, schedule), torch.nn.functional.mse_loss(prediction, noise))
 
 
+def test_the_high_noise_loss_weighs_the_timesteps_from_sigma_5_five_times():
+    torch.manual_seed(0)
+    prediction, noise = torch.randn(2, 4, 3, 4, 4).unbind(0)
+    sigma, schedule = torch.tensor([0.1, 4.99, 5.0, 14.6]), torch.tensor([0.1, 1.0, 6.0, 14.6])
+    assert torch.equal(_loss_weights("high_noise")(sigma), torch.tensor([1.0, 1.0, 5.0, 5.0]))
+    per_example = (prediction - noise).pow(2).mean(dim=(1, 2, 3))
+    expected = (per_example * torch.tensor([1.0, 1.0, 5.0, 5.0])).mean() / 3.0  # schedule mean (1+1+5+5)/4
+    assert torch.allclose(diffusion_loss(prediction, noise, sigma, schedule, "high_noise"), expected)
+    _, info = train_model(steps=1, batch=2, config=ModelConfig(width=8), loss_weighting="high_noise")
+    assert info["loss_weighting"] == "high_noise"
+
+
 def test_an_unknown_loss_weighting_is_refused_before_training():
     with pytest.raises(InvalidInputError, match="loss_weighting.*use one of"):
         train_model(steps=1, batch=2, config=ModelConfig(width=8), loss_weighting="snr")

@@ -129,7 +129,10 @@ def train_model(steps: int = 4000, batch: int = 64, seed: int = 0, lr: float = 1
     return ema, info
 
 
-LOSS_WEIGHTINGS = ("epsilon", "v")
+LOSS_WEIGHTINGS = ("epsilon", "v", "high_noise")
+#: "high_noise": the epsilon loss of timesteps at σ ≥ HIGH_NOISE_SIGMA counts HIGH_NOISE_WEIGHT times
+HIGH_NOISE_SIGMA = 5.0
+HIGH_NOISE_WEIGHT = 5.0
 
 
 def diffusion_loss(prediction: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, schedule_sigmas: torch.Tensor,
@@ -145,6 +148,13 @@ def diffusion_loss(prediction: torch.Tensor, noise: torch.Tensor, sigma: torch.T
     offer it: the epsilon loss weighs an error of the denoised picture by 1/σ² (x̂0 = x − σ·ε̂), so at
     high noise, the only place where the prompt alone decides where an object goes, a misplaced
     object costs ~1/200 of what it costs at σ = 1.
+
+    "high_noise" weighs the examples at σ ≥ :data:`HIGH_NOISE_SIGMA` by :data:`HIGH_NOISE_WEIGHT` and
+    all others by 1 (then divides by the schedule mean, as "v" does). On the reference schedule that
+    gives the top fifth of the timesteps (where placement is decided) about half of the loss, as the
+    "v" weighting capped at 25 did, while the timesteps below σ = 1 (where shapes are drawn) keep
+    about a fifth of it instead of a twentieth: the capped weighting learned positions but lost
+    shapes (README, The reference model).
     """
     if loss_weighting == "epsilon":
         return torch.nn.functional.mse_loss(prediction, noise)
@@ -157,6 +167,8 @@ def _loss_weights(name: str):
     """σ → weight of the epsilon loss before normalisation, per :func:`diffusion_loss`."""
     if name == "v":
         return lambda sigma: 1.0 + sigma**2
+    if name == "high_noise":
+        return lambda sigma: 1.0 + (HIGH_NOISE_WEIGHT - 1.0) * (sigma >= HIGH_NOISE_SIGMA).to(sigma.dtype)
     if name == "epsilon":
         return torch.ones_like
     raise InvalidInputError("loss_weighting", name, f"use one of {', '.join(LOSS_WEIGHTINGS)}")
@@ -235,7 +247,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--width", type=int, default=ModelConfig.width, help="model channels at 32×32")
     parser.add_argument("--loss-weighting", choices=LOSS_WEIGHTINGS, default="epsilon",
-                        help="model: weight of the epsilon loss per noise level (default epsilon = 1; v = (1 + σ²) / its schedule mean)")
+                        help="model: weight of the epsilon loss per noise level (default epsilon = 1; v = (1 + σ²) / its schedule mean; "
+                             "high_noise = 5 where σ ≥ 5, else 1, over its schedule mean)")
     parser.add_argument("--query-coordinates", action="store_true",
                         help="model: add each pixel's (x, y) to the cross-attention queries (ModelConfig.query_coordinates)")
     parser.add_argument("--cost-weight", type=float, default=0.1, help="step_predictor: λ of the reward (default 0.1)")
