@@ -222,6 +222,16 @@ def test_the_high_noise_loss_weighs_the_timesteps_from_sigma_5_five_times():
     assert info["loss_weighting"] == "high_noise"
 
 
+def test_caption_noise_changes_what_the_model_is_told_and_says_so():
+    exact, exact_info = train_model(steps=2, batch=8, config=ModelConfig(width=8))
+    noisy, noisy_info = train_model(steps=2, batch=8, config=ModelConfig(width=8), caption_noise=0.3)
+    assert exact_info["caption_noise"] == 0.0 and noisy_info["caption_noise"] == 0.3
+    # same seed, same pictures and noise: only the prompts differ
+    assert not torch.equal(exact.text_encoder.embed.weight, noisy.text_encoder.embed.weight)
+    with pytest.raises(InvalidInputError, match="caption_noise"):
+        train_model(steps=1, batch=2, config=ModelConfig(width=8), caption_noise=0.5)
+
+
 def test_an_unknown_loss_weighting_is_refused_before_training():
     with pytest.raises(InvalidInputError, match="loss_weighting.*use one of"):
         train_model(steps=1, batch=2, config=ModelConfig(width=8), loss_weighting="snr")

@@ -5,8 +5,8 @@ import torch
 
 from fastguidance.errors import InvalidInputError
 from fastguidance.reference.model import Tokenizer
-from fastguidance.reference.scenes import (HELD_OUT_COMBINATIONS, HEADS, make_batch, parse_prompt, random_scene,
-                                           render, scene_labels)
+from fastguidance.reference.scenes import (HELD_OUT_COMBINATIONS, HEADS, MAX_CAPTION_NOISE, make_batch, noisy_caption,
+                                           parse_prompt, random_scene, render, scene_labels)
 
 
 def test_generator_is_deterministic_by_seed():
@@ -69,3 +69,48 @@ def test_tokenizer_pads_and_refuses_unknown_words():
     assert (ids[0] != 0).sum() == 5 and (ids[1] != 0).sum() == 2  # <bos> a red circle <eos>; <bos> <eos>
     with pytest.raises(InvalidInputError, match="unknown: dog"):
         tokenizer(["a red dog"])
+
+
+def test_exact_captions_are_the_prompts():
+    scenes = [random_scene(random.Random(seed)) for seed in range(200)]
+    captions = [noisy_caption(scene, random.Random(9), 0.0) for scene in scenes]
+    assert [caption.prompt for caption in captions] == [scene.prompt for scene in scenes]
+
+
+def test_noisy_captions_change_each_named_word_at_the_rate_and_nothing_else():
+    rng, caption_rng = random.Random(1), random.Random(2)
+    changed, named = {}, {}
+    for _ in range(4000):
+        scene = random_scene(rng)
+        caption = noisy_caption(scene, caption_rng, 0.3)
+        assert caption.kind == scene.kind and caption.named_size == scene.named_size
+        assert (caption.position is None) == (scene.position is None)
+        assert not {(obj.colour, obj.shape) for obj in caption.objects} & HELD_OUT_COMBINATIONS
+        assert parse_prompt(caption.prompt).prompt == caption.prompt  # still in the grammar
+        words = {"relation": (scene.relation, caption.relation), "position": (scene.position, caption.position)}
+        if scene.kind == "group" and len(scene.objects) > 1:
+            words["count"] = (len(scene.objects), len(caption.objects))
+        for index, (obj, said) in enumerate(zip(scene.objects[:2 if scene.kind == "pair" else 1], caption.objects)):
+            words[f"colour{index}"], words[f"shape{index}"] = (obj.colour, said.colour), (obj.shape, said.shape)
+            if scene.named_size[index]:
+                words[f"size{index}"] = (obj.size, said.size)
+            else:
+                assert said.size == obj.size
+        for word, (truth, said) in words.items():
+            if truth is not None:
+                kind = word.rstrip("01")
+                named[kind] = named.get(kind, 0) + 1
+                changed[kind] = changed.get(kind, 0) + (truth != said)
+    rates = {kind: changed[kind] / named[kind] for kind in named}
+    assert set(rates) == {"colour", "shape", "size", "position", "count", "relation"}
+    # each word fires at 0.3; colour and shape fire a little less: a held-out combination is never said
+    assert all(0.24 < rate < 0.34 for rate in rates.values()), rates
+
+
+def test_noisy_captions_are_deterministic_and_refuse_a_bad_rate():
+    scenes = [random_scene(random.Random(seed)) for seed in range(50)]
+    first = [noisy_caption(scene, random.Random(4), 0.3).prompt for scene in scenes]
+    assert first == [noisy_caption(scene, random.Random(4), 0.3).prompt for scene in scenes]
+    for rate in (-0.1, MAX_CAPTION_NOISE, 1.0):
+        with pytest.raises(InvalidInputError, match="caption_noise.*from 0"):
+            noisy_caption(scenes[0], random.Random(0), rate)

@@ -168,6 +168,52 @@ def _draw_scene(rng: random.Random) -> Scene:
                  named_size=(rng.random() < 0.3, rng.random() < 0.3))
 
 
+#: the largest caption noise accepted: at 0.5 a two-valued word (size, "two"/"three") says nothing
+MAX_CAPTION_NOISE = 0.5
+
+
+def check_caption_noise(rate: float) -> None:
+    if not 0.0 <= rate < MAX_CAPTION_NOISE:
+        raise InvalidInputError("caption_noise", rate, f"use a share of words from 0 (exact captions) to below {MAX_CAPTION_NOISE}")
+
+
+def noisy_caption(scene: Scene, rng: random.Random, rate: float) -> Scene:
+    """The scene as a noisy caption describes it (the image stays ``scene``'s).
+
+    Web captions of real text-to-image data often name an attribute the picture does not show; then
+    the conditional model p(x | c) itself draws off-prompt pictures, and CFG, which samples
+    p(x) p(c | x)^s at scale s (Ho & Salimans 2022, §3.2, whose w is s − 1), brings the named
+    attribute back.
+    That is why CFG matters so much in real models, and the reference model needs it too. Each word
+    the prompt names is replaced, with probability ``rate``, by another value of its kind: an
+    object's colour, shape and (if named) size; a single object's position (if named); a group's
+    "two" / "three"; a pair's relation. A replacement never forms a held-out colour–shape
+    combination, so those stay unseen in training.
+    """
+    check_caption_noise(rate)
+
+    def other(current: str, values, allowed=lambda value: True) -> str:
+        fired = rng.random() < rate
+        candidates = [value for value in values if value != current and allowed(value)]
+        return rng.choice(candidates) if fired and candidates else current
+
+    def noisy_object(obj: Obj, named_size: bool) -> Obj:
+        colour = other(obj.colour, tuple(COLOURS), lambda c: (c, obj.shape) not in HELD_OUT_COMBINATIONS)
+        shape = other(obj.shape, SHAPES, lambda s: (colour, s) not in HELD_OUT_COMBINATIONS)
+        size = other(obj.size, tuple(SIZES)) if named_size else obj.size
+        return Obj(colour, shape, size)
+
+    if scene.kind == "pair":
+        first, second = (noisy_object(obj, named) for obj, named in zip(scene.objects, scene.named_size))
+        return Scene("pair", (first, second), relation=other(scene.relation, RELATIONS), named_size=scene.named_size)
+    obj = noisy_object(scene.objects[0], scene.named_size[0])
+    count = len(scene.objects)
+    if count > 1:
+        count = int(other(str(count), ("2", "3")))
+    position = other(scene.position, POSITION_LABELS) if scene.position is not None else None
+    return Scene("group", (obj,) * count, position=position, named_size=scene.named_size)
+
+
 # -- rendering -------------------------------------------------------------------------------------
 
 @dataclass

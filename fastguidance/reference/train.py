@@ -31,7 +31,7 @@ from ..metrics import ssim
 from ..sampling import sample
 from ..schedules import make_sigmas
 from ..step_predictor import StepPredictor, conditioning_features, save_step_predictor, train_step_policy
-from .scenes import make_batch, random_scene
+from .scenes import MAX_CAPTION_NOISE, check_caption_noise, make_batch, noisy_caption, random_scene
 from .weights import ADAPTERS_PATH, CLASSIFIER_PATH, MODEL_PATH, STEP_PREDICTOR_PATH, load_model, save_classifier, save_model
 
 log = logging.getLogger("fastguidance")
@@ -80,26 +80,31 @@ def train_classifier(steps: int = 1200, batch: int = 96, seed: int = 0, lr: floa
 
 def train_model(steps: int = 4000, batch: int = 64, seed: int = 0, lr: float = 1.5e-3, drop_rate: float = 0.15,
                 ema_decay: float = 0.998, config: ModelConfig | None = None, loss_weighting: str = "epsilon",
-                progress: bool = False) -> tuple[ReferenceModel, dict]:
+                caption_noise: float = 0.0, progress: bool = False) -> tuple[ReferenceModel, dict]:
     """Train the diffusion model: epsilon prediction, uniform timesteps, prompts replaced by the
     empty prompt with probability ``drop_rate`` so that CFG has an unconditional model to use
     (Ho & Salimans 2022, §3.2). Returns the EMA weights.
 
-    ``loss_weighting``: see :func:`diffusion_loss`."""
+    ``loss_weighting``: see :func:`diffusion_loss`. ``caption_noise``: the share of prompt words
+    replaced by a wrong one (:func:`~.scenes.noisy_caption`), drawn from its own random stream so
+    that 0 trains exactly as before the option existed."""
     _loss_weights(loss_weighting)  # refuse an unknown weighting before any work
+    check_caption_noise(caption_noise)
     torch.manual_seed(seed)
     model = ReferenceModel(config)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed + 1)
     rng = random.Random(seed + 2)
+    caption_rng = random.Random(seed + 3)
     sigmas = model.schedule.sigmas
     losses = []
     start = time.perf_counter()
     for step in range(steps):
         data = make_batch(batch, seed=seed * 1_000_003 + step, held_out=False)
         x0 = from_image(data.images)
-        prompts = ["" if rng.random() < drop_rate else scene.prompt for scene in data.scenes]
+        prompts = ["" if rng.random() < drop_rate else noisy_caption(scene, caption_rng, caption_noise).prompt
+                   for scene in data.scenes]
         timesteps = torch.randint(0, len(sigmas), (batch,), generator=generator)
         sigma = sigmas[timesteps]
         noise = torch.randn(x0.shape, generator=generator)
@@ -123,7 +128,7 @@ def train_model(steps: int = 4000, batch: int = 64, seed: int = 0, lr: float = 1
             log.info("model step %d/%d loss %.4f (%.0f s)", step, steps, recent, time.perf_counter() - start)
     ema.eval()
     info = {"steps": steps, "batch": batch, "seed": seed, "lr": lr, "drop_rate": drop_rate, "ema_decay": ema_decay,
-            "loss_weighting": loss_weighting,
+            "loss_weighting": loss_weighting, "caption_noise": caption_noise,
             "seconds": time.perf_counter() - start, "final_loss": sum(losses[-200:]) / len(losses[-200:]),
             "loss_every_100": [sum(losses[i:i + 100]) / len(losses[i:i + 100]) for i in range(0, len(losses), 100)]}
     return ema, info
@@ -249,14 +254,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--loss-weighting", choices=LOSS_WEIGHTINGS, default="epsilon",
                         help="model: weight of the epsilon loss per noise level (default epsilon = 1; v = (1 + σ²) / its schedule mean; "
                              "high_noise = 5 where σ ≥ 5, else 1, over its schedule mean)")
+    parser.add_argument("--caption-noise", type=float, default=0.0,
+                        help=f"model: share of prompt words replaced by a wrong one, like web captions (0 to below {MAX_CAPTION_NOISE}; default 0)")
     parser.add_argument("--query-coordinates", action="store_true",
                         help="model: add each pixel's (x, y) to the cross-attention queries (ModelConfig.query_coordinates)")
     parser.add_argument("--cost-weight", type=float, default=0.1, help="step_predictor: λ of the reward (default 0.1)")
     parser.add_argument("--out", type=Path, help="output file (default: the shipped weights)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing file")
     options = parser.parse_args(argv)
-    if options.what != "model" and (options.loss_weighting != "epsilon" or options.query_coordinates):
-        parser.error("--loss-weighting and --query-coordinates only apply to `model`")
+    if options.what != "model" and (options.loss_weighting != "epsilon" or options.query_coordinates or options.caption_noise):
+        parser.error("--loss-weighting, --query-coordinates and --caption-noise only apply to `model`")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if options.what == "adapters":
@@ -298,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
         config = ModelConfig(width=options.width, query_coordinates=options.query_coordinates)
         model, info = train_model(options.steps or 4000, options.batch or 64, options.seed,
                                   config=config, loss_weighting=options.loss_weighting,
-                                  progress=True)
+                                  caption_noise=options.caption_noise, progress=True)
         save_model(model, info, out, overwrite=options.overwrite)
         log.info("model: final loss %.4f in %.0f s -> %s", info["final_loss"], info["seconds"], out)
 
