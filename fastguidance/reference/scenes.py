@@ -173,6 +173,7 @@ MAX_CAPTION_NOISE = 0.5
 
 
 def check_caption_noise(rate: float) -> None:
+    """Refuse a caption-noise rate outside [0, MAX_CAPTION_NOISE), naming the input and the fix."""
     if not 0.0 <= rate < MAX_CAPTION_NOISE:
         raise InvalidInputError("caption_noise", rate, f"use a share of words from 0 (exact captions) to below {MAX_CAPTION_NOISE}")
 
@@ -183,11 +184,11 @@ def noisy_caption(scene: Scene, rng: random.Random, rate: float) -> Scene:
     Web captions of real text-to-image data often name an attribute the picture does not show; then
     the conditional model p(x | c) itself draws off-prompt pictures, and CFG, which samples
     p(x) p(c | x)^s at scale s (Ho & Salimans 2022, §3.2, whose w is s − 1), brings the named
-    attribute back.
-    That is why CFG matters so much in real models, and the reference model needs it too. Each word
-    the prompt names is replaced, with probability ``rate``, by another value of its kind: an
-    object's colour, shape and (if named) size; a single object's position (if named); a group's
-    "two" / "three"; a pair's relation. A replacement never forms a held-out colour–shape
+    attribute back. That is why CFG matters so much in real models.
+
+    Each word the prompt names is replaced, with probability ``rate``, by another value of its
+    kind: an object's colour, shape and (if named) size; a single object's position (if named); a
+    group's "two" / "three"; a pair's relation. A replacement never forms a held-out colour–shape
     combination, so those stay unseen in training.
     """
     check_caption_noise(rate)
