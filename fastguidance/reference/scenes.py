@@ -193,7 +193,7 @@ def noisy_caption(scene: Scene, rng: random.Random, rate: float) -> Scene:
     """
     check_caption_noise(rate)
 
-    def other(current: str, values, allowed=lambda value: True) -> str:
+    def other(current, values, allowed=lambda value: True):
         fired = rng.random() < rate
         candidates = [value for value in values if value != current and allowed(value)]
         return rng.choice(candidates) if fired and candidates else current
@@ -210,7 +210,7 @@ def noisy_caption(scene: Scene, rng: random.Random, rate: float) -> Scene:
     obj = noisy_object(scene.objects[0], scene.named_size[0])
     count = len(scene.objects)
     if count > 1:
-        count = int(other(str(count), ("2", "3")))
+        count = other(count, (2, 3))
     position = other(scene.position, POSITION_LABELS) if scene.position is not None else None
     return Scene("group", (obj,) * count, position=position, named_size=scene.named_size)
 
