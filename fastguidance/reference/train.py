@@ -1,7 +1,7 @@
 """Training of the reference model and of the adherence classifier, reproducible from a seed.
 
     python -m fastguidance.reference.train classifier   # a few minutes on 2 CPU cores
-    python -m fastguidance.reference.train model        # about an hour on 2 CPU cores
+    python -m fastguidance.reference.train model        # about 50 min on 2 CPU cores
     python -m fastguidance.reference.train step_predictor   # AdaDiff's predictor for the model, minutes
     python -m fastguidance.reference.train adapters         # AGD adapters for the model, minutes
 
