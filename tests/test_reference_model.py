@@ -222,6 +222,15 @@ def test_the_high_noise_loss_weighs_the_timesteps_from_sigma_5_five_times():
     assert info["loss_weighting"] == "high_noise"
 
 
+def assert_denoises_like(loaded: ReferenceModel, saved: ReferenceModel) -> None:
+    """A model loaded from a file denoises as the model that was saved, rounded to fp16 as the file stores it."""
+    saved = saved.half().float().eval()
+    x, sigma = torch.randn(1, 3, 32, 32), torch.tensor([2.0])
+    with torch.no_grad():
+        expected = saved.denoise(x, sigma, [saved.encode(["a red circle"])])[0]
+        assert torch.allclose(loaded.denoise(x, sigma, [loaded.encode(["a red circle"])])[0], expected, atol=1e-5)
+
+
 def test_caption_noise_changes_what_the_model_is_told_and_says_so():
     exact, exact_info = train_model(steps=2, batch=8, config=ModelConfig(width=8))
     noisy, noisy_info = train_model(steps=2, batch=8, config=ModelConfig(width=8), caption_noise=0.3)
@@ -239,12 +248,7 @@ def test_a_trained_model_is_returned_in_the_standard_layout_and_saves(tmp_path):
     assert all(tensor.is_contiguous() for tensor in model.state_dict().values())
     path = tmp_path / "trained.safetensors"
     save_model(model, {"steps": 2}, path)
-    loaded = load_model(path)
-    x, sigma = torch.randn(1, 3, 32, 32), torch.tensor([2.0])
-    model = model.half().float()  # the file stores fp16
-    with torch.no_grad():
-        expected = model.denoise(x, sigma, [model.encode(["a red circle"])])[0]
-        assert torch.allclose(loaded.denoise(x, sigma, [loaded.encode(["a red circle"])])[0], expected, atol=1e-5)
+    assert_denoises_like(load_model(path), model)
 
 
 def test_an_unknown_loss_weighting_is_refused_before_training():
@@ -268,11 +272,7 @@ def test_files_saved_before_an_option_existed_still_load(tmp_path, option):
     loaded = load_model(path)
     assert loaded.config.to_dict() == old.config.to_dict()
     assert loaded.unet.conv_in.in_channels == (5 if flags["coordinates"] else 3)
-    old = old.half().float().eval()  # the file stores fp16
-    x, sigma = torch.randn(1, 3, 32, 32), torch.tensor([2.0])
-    with torch.no_grad():
-        expected = old.denoise(x, sigma, [old.encode(["a red circle"])])[0]
-        assert torch.allclose(loaded.denoise(x, sigma, [loaded.encode(["a red circle"])])[0], expected, atol=1e-5)
+    assert_denoises_like(loaded, old)
 
 
 def test_corrupt_and_foreign_files_are_refused(tmp_path, classifier):
