@@ -183,6 +183,11 @@ class GuidancePolicy:
         """Settings shown with the run record (the frontend draws e.g. AG's threshold)."""
         return {"method": self.name}
 
+    def advice(self, state: Any) -> list[str]:
+        """After a finished run: plain sentences for a run that went wrong in a way the user can fix
+        (AG cut at its first step, or never), each with the fix. Logged and drawn on the node."""
+        return []
+
 
 @dataclass(frozen=True)
 class StepPlan:
@@ -336,6 +341,10 @@ class GuidanceRun:
             evaluations=sum(record.evaluations for record in self.records),
         )
 
+    def advice(self) -> list[str]:
+        """Every policy's :meth:`GuidancePolicy.advice` for this run (call after :meth:`finish`)."""
+        return [message for policy, state in zip(self.policies, self._states) for message in policy.advice(state)]
+
     def evaluations_per_sample(self) -> list[int]:
         """Model evaluations each sample needed: 2 per call where its action was FULL, else 1.
 
@@ -352,6 +361,7 @@ class GuidanceRun:
             "total_steps": self.total_steps,
             "batch_size": self.batch_size,
             "summary": self.summary().to_dict(),
+            "advice": self.advice(),
             "records": [record.to_dict() for record in self.records],
         }
 

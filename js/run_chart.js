@@ -4,13 +4,17 @@
 // Data shaping is in run_chart_data.js (unit-tested); this file only listens and draws.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
-import { ACTION_COLORS, ACTION_LABELS, callX, cosineRange, runBelongsTo, shapeRun, valueY } from "./run_chart_data.js";
+import {
+  ACTION_COLORS, ACTION_LABELS, callX, cosineRange, runBelongsTo, shapeRun, valueY, wrapText,
+} from "./run_chart_data.js";
 
 const RUN_EVENT = "fastguidance.run";
 const PREFIX = "FastGuidance_";
 const CHART_HEIGHT = 150;
 const MIN_WIDTH = 300;
 const MARGIN = 10;
+const ADVICE_LINE = 13; // px per line of a run's advice (AG cut at its first step, or never)
+const ADVICE_CHARS = 52; // characters per advice line at the chart's minimum width
 
 function findNode(id) {
   const graph = app.graph;
@@ -28,16 +32,18 @@ function onRun({ detail }) {
   if (!runBelongsTo(detail, node.comfyClass || node.type)) return;
   const chart = shapeRun(detail);
   if (!chart) return;
+  chart.adviceLines = chart.advice.flatMap((text) => wrapText(`⚠ ${text}`, ADVICE_CHARS));
   node.fastguidanceChart = chart;
   const minimum = node.computeSize?.() ?? node.size;
-  const height = Math.max(node.size[1], minimum[1] + CHART_HEIGHT);
+  const height = Math.max(node.size[1], minimum[1] + CHART_HEIGHT + chart.adviceLines.length * ADVICE_LINE);
   node.setSize?.([Math.max(node.size[0], MIN_WIDTH), height]);
   node.setDirtyCanvas?.(true, true);
 }
 
 function drawChart(ctx, node, chart) {
   const width = node.size[0] - 2 * MARGIN;
-  let y = node.size[1] - CHART_HEIGHT + 4;
+  const adviceLines = chart.adviceLines || [];
+  let y = node.size[1] - CHART_HEIGHT - adviceLines.length * ADVICE_LINE + 4;
   const left = MARGIN;
   ctx.save();
   ctx.font = "11px sans-serif";
@@ -116,6 +122,14 @@ function drawChart(ctx, node, chart) {
     const label = ACTION_LABELS[action] || action;
     ctx.fillText(label, x + 11, y);
     x += 18 + ctx.measureText(label).width;
+  }
+  y += 12;
+
+  // what went wrong in a way the user can fix, with the fix (also in the server log)
+  ctx.fillStyle = "#ffb347";
+  for (const line of adviceLines) {
+    y += ADVICE_LINE;
+    ctx.fillText(line, left, y - 6, width);
   }
   ctx.restore();
 }

@@ -97,7 +97,31 @@ export function shapeRun(detail) {
     calls,
     legend: Object.keys(ACTION_COLORS).filter((action) => present.has(action)),
     hasCosine: calls.some((call) => call.cosine !== null),
+    advice: (Array.isArray(detail.advice) ? detail.advice : []).filter((text) => typeof text === "string" && text),
   };
+}
+
+/** `text` broken into lines of at most `width` characters, at spaces where possible (advice under the chart). */
+export function wrapText(text, width) {
+  const lines = [];
+  let line = "";
+  for (const word of String(text).split(/\s+/).filter(Boolean)) {
+    for (let rest = word; rest; ) {
+      const candidate = line ? `${line} ${rest}` : rest;
+      if (candidate.length <= width) {
+        line = candidate;
+        rest = "";
+      } else if (line) {
+        lines.push(line);
+        line = "";
+      } else {
+        lines.push(rest.slice(0, width));
+        rest = rest.slice(width);
+      }
+    }
+  }
+  if (line) lines.push(line);
+  return lines;
 }
 
 /** Vertical range of the cosine plot: the measured values and the threshold, padded, never above 1. */

@@ -17,27 +17,30 @@ def _settings_inputs() -> list:
     return [
         io.Float.Input(
             "compression", default=_DEFAULTS.compression, min=1.0, max=100.0, step=0.1, round=0.01,
-            tooltip="Sampling steps per guided step. 4.0 evaluates the negative prompt on a quarter of the "
-                    "steps (20 steps: 5 guided, 25 model evaluations instead of 40). Higher = faster, further "
-                    "from plain CFG. 1.0 guides every step (plain CFG). Ignored when guided_steps is above 0.",
+            tooltip="Sampling steps per guided step, 1.0 to 100.0. 4.0 evaluates the negative prompt on a quarter "
+                    "of the steps (20 steps: 5 guided, 25 model evaluations instead of 40). Higher = faster, "
+                    "further from plain CFG. 1.0 guides every step (plain CFG). Ignored when guided_steps is above 0.",
         ),
         io.Int.Input(
             "guided_steps", default=_DEFAULTS.guided_steps, min=0, max=10000,
-            tooltip="How many steps evaluate the negative prompt, as a number instead of a rate. The first step "
-                    "is always one of them; more than the sampler's steps guides every step (plain CFG). "
-                    "0 = take the number from compression.",
+            tooltip="How many steps evaluate the negative prompt, as a number instead of a rate (with skew above "
+                    "1.0 some of them coincide, so fewer are guided: the paper's rule). The first step is always "
+                    "one of them; the sampler's steps or more guides every step (plain CFG). "
+                    "0 = take the number from compression. Range 0 to 10000.",
         ),
         io.Float.Input(
             "skew", default=_DEFAULTS.skew, min=0.1, max=MAX_SKEW, step=0.1, round=0.01,
-            tooltip=f"Where the guided steps go (0.1 to {MAX_SKEW}). 1.0 spreads them evenly over the run; "
-                    "larger values put more of them early, where guidance changes the image most; below 1.0 "
-                    "puts more of them late. 2.0 is a good default. Has no effect when every step is guided.",
+            tooltip=f"Where the guided steps go (0.1 to {MAX_SKEW}): step ⌊N·(j/n)^skew⌋ for j = 0…n−1, as in "
+                    "the paper. 1.0 (default, the bench's best) spreads them evenly; larger values put them early "
+                    "and, as in the paper, guide fewer steps (coinciding ones count once); below 1.0 puts them "
+                    "late. Has no effect when every step is guided.",
         ),
         io.Combo.Input(
             "mode", options=list(COMPRESS_MODES), default=_DEFAULTS.mode,
-            tooltip="What the steps between guided steps do: reuse keeps applying the guidance measured at the "
-                    "last guided step (the paper's method); compress guides those steps not at all and puts "
-                    "their share of guidance on the guided step before them instead.",
+            tooltip="What the steps between guided steps do. compress (default, the bench's best): they are not "
+                    "guided, and the guided step before them gets their share of guidance, in proportion to the "
+                    "noise-level span they cover (the paper's compression). reuse: they keep applying the "
+                    "guidance measured at the last guided step (the paper's reuse).",
         ),
     ]
 
@@ -66,8 +69,8 @@ class CompressGuidanceNode(io.ComfyNode):
             display_name="Compress Guidance (FastGuidance)",
             category="sampling/fastguidance",
             description="Makes CFG cheaper with any sampler node (KSampler, KSamplerAdvanced, SamplerCustomAdvanced): "
-                        "the negative prompt is evaluated on a few steps only, chosen in advance and weighted "
-                        "towards the start; the other steps reuse that guidance (Compress Guidance, Dinh et al.). "
+                        "the negative prompt is evaluated on a few steps only, chosen in advance; the guidance of the "
+                        "steps between them is compressed onto them (Compress Guidance, Dinh et al.). "
                         "With compression 1.0, or cfg 1, it does nothing.",
             inputs=[io.Model.Input("model", tooltip="The model to make cheaper. Connect the output to your sampler.")]
             + _settings_inputs(),
@@ -93,7 +96,7 @@ class CompressGuiderNode(io.ComfyNode):
             display_name="Compress Guider (FastGuidance)",
             category="sampling/custom_sampling/guiders",
             description="A CFG guider for SamplerCustomAdvanced that evaluates the negative prompt on a few steps "
-                        "only and reuses that guidance on the others (Compress Guidance). With compression 1.0 it "
+                        "only and compresses the others' guidance onto them (Compress Guidance). With compression 1.0 it "
                         "equals the stock CFGGuider.",
             inputs=guider_inputs() + _settings_inputs(),
             outputs=[io.Guider.Output(tooltip="Connect to SamplerCustomAdvanced's guider input.")],

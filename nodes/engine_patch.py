@@ -166,6 +166,8 @@ def _report(config: EngineConfig, host_run: _HostRun, guider_name: str) -> None:
                         "itself, as PerpNegGuider and DualCFGGuider do); nothing was skipped", label, guider_name)
         return
     log.info(summary.text(label))
+    for message in run.advice():
+        log.warning("%s: %s", label, message)
     _send_to_page(config, run)
 
 

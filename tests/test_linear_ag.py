@@ -119,7 +119,7 @@ def test_error_bound_uses_the_calibrated_errors(coefficients):
 
 def test_adaptive_guidance_cutoff_overrides_the_estimate(coefficients):
     result = sample(LinearUncondModel(), noise(2, 1), sigmas(), "cond", "uncond", 5.0, "euler",
-                    [LinearAG(coefficients, mode="alternate"), AdaptiveGuidance(threshold=0.0)])
+                    [LinearAG(coefficients, mode="alternate"), AdaptiveGuidance(threshold=0.0, convergence=1.0)])
     # AG latches after the first measured call; from then on COND_ONLY outranks ESTIMATE
     assert [r.actions[0] for r in result.run.records] == [Action.FULL] + [Action.COND_ONLY] * (STEPS - 1)
 

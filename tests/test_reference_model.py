@@ -124,7 +124,8 @@ def test_adaptive_guidance_in_denoised_space_keeps_cfg_adherence_on_the_referenc
 
 
 def test_adaptive_guidance_skips_evaluations_on_the_reference_model(model, prompts):
-    _, result = generate(model, prompts, scale=5.0, policies=[AdaptiveGuidance(threshold=0.991)])
+    _, result = generate(model, prompts, scale=5.0, policies=[AdaptiveGuidance(threshold=0.991, cosine_space="noise",
+                                                                                    convergence=1.0)])
     per_image = result.run.evaluations_per_sample()
     assert sum(per_image) / len(per_image) < 2 * 12
 

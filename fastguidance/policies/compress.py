@@ -4,15 +4,19 @@ Dinh et al., "Compress Guidance in Conditional Diffusion Sampling" (seed ``002_�
 paper's formulas did not survive in our copy of the text; what is implemented here follows its
 words, and the deviations are named.
 
-**Guided steps** (the paper's set ``G``, its Eq. 15 skewed towards early steps). For ``N`` sampling
-steps and ``n`` guided steps, with skew exponent ``k``::
+**Guided steps** (the paper's set ``G``, its Eq. 15, skewed towards early steps). For ``N``
+sampling steps, ``n`` requested guided steps and skew exponent ``k``, ``G`` is the set of distinct
+values of::
 
     t_j = floor(N · (j / n)^k),   j = 0 … n−1
 
-then made strictly increasing and kept in range (``t_j ← min(max(t_j, t_{j−1} + 1), N − n + j)``). ``t_0 = 0``: the first step is always guided. ``k = 1`` spaces the guided steps evenly
-(the paper's "uniform skipping"); ``k > 1`` puts more of them early, where the guidance changes
-fastest (paper, Appendix D and Theorem 2). ``n`` comes from ``guided_steps`` or from the
-compression rate ``r = N / n`` (``n = ⌊N / r + ½⌋``, at least 1).
+Duplicates collapse, as in the paper: larger ``k`` spends fewer guided steps (for ``N = 250``,
+``n = 50``: 50, 47, 41, 36, 32, 28 for ``k = 1 … 6``, the paper's Table 8). ``t_0 = 0``: the first
+step is always guided. ``k = 1`` spaces the guided steps evenly (the paper's "uniform skipping")
+and keeps all ``n``; ``k > 1`` puts them early, where the guidance changes fastest (paper,
+Appendix D and Theorem 2). ``n`` comes from ``guided_steps`` or from the compression rate
+``r = N / n`` (``n = ⌊N / r + ½⌋``, at least 1). One deviation: ``n ≥ N`` guides every step
+whatever ``k`` (the formula would drop some for ``k > 1``), so rate 1 is exactly plain CFG.
 
 **Modes**, with CFG written as ``c + (s − 1)·g`` and ``g = c − u``:
 
@@ -20,9 +24,17 @@ compression rate ``r = N / n`` (``n = ⌊N / r + ½⌋``, at least 1).
   ``û = c − (σ/σ_last)·g_last``, so it still gets ``(s − 1)·(σ/σ_last)·g_last``: the guidance is
   reused in noise space, where the paper reuses its gradient (engine action REUSE).
 - ``compress`` (the paper's Eq. 14: "compressing the duplicated gradients into one guidance
-  step"): skipped steps are not guided (``û = c``); a guided step that covers ``m`` steps (itself
-  and the skipped steps up to the next guided one) gets ``m`` times the guidance,
-  ``c + m·(s − 1)·g`` (engine guidance weight ``w = m``).
+  step"): skipped steps are not guided (``û = c``); a guided step ``t_j`` gets the guidance of the
+  steps it covers (itself and the skipped steps up to the next guided step ``t_{j+1}``, or ``N``),
+  in proportion to the noise-level span they cover (engine guidance weight)::
+
+      w_j = (σ_{t_j} − σ_{t_{j+1}}) / (σ_{t_j} − σ_{t_j + 1})
+
+  Why the span: a step from ``σ_i`` to ``σ_{i+1}`` moves the sample by about
+  ``(σ_i − σ_{i+1})/σ_i`` times its guidance, and with the guidance constant in noise space (what
+  ``reuse`` assumes) the covered steps' guidance adds up to ``w_j`` times the guided step's own.
+  The paper's text gives no weighting; ``weighting="count"`` (``w_j = t_{j+1} − t_j``, the number
+  of steps covered) is the simpler reading, kept for the benchmark's comparison.
 
 Both modes spend ``N + n`` model evaluations per image instead of ``2N`` (one per midpoint call
 more for two-call samplers). Guided steps count sampling steps: every call of a guided step is
@@ -33,7 +45,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from ..engine import Action, GuidancePolicy, GuidanceRun, StepContext
 from ..errors import InvalidInputError
@@ -43,18 +55,14 @@ MAX_SKEW = 8.0
 
 
 def guided_step_indices(total_steps: int, guided_steps: int, skew: float = 1.0) -> list[int]:
-    """The guided steps ``G`` (module docstring): sorted, distinct, starting at 0, ``min(n, N)`` of them."""
+    """The guided steps ``G`` (module docstring, the paper's Eq. 15): the distinct values of
+    ``⌊N·(j/n)^k⌋`` for ``j = 0 … n−1``, sorted; at most ``min(n, N)`` of them, always step 0."""
     if total_steps < 1:
         return []
     count = max(1, min(guided_steps, total_steps))
-    indices: list[int] = []
-    for j in range(count):
-        index = math.floor(total_steps * (j / count) ** skew)
-        if indices and index <= indices[-1]:
-            index = indices[-1] + 1
-        # leave room for the guided steps still to come (matters for skew < 1, which crowds them late)
-        indices.append(min(index, total_steps - count + j))
-    return indices
+    if count == total_steps:
+        return list(range(total_steps))  # rate 1 guides every step, whatever k (plain CFG)
+    return sorted({math.floor(total_steps * (j / count) ** skew) for j in range(count)})
 
 
 def guided_step_count(total_steps: int, guided_steps: int = 0, compression: float = 0.0) -> int:
@@ -64,16 +72,33 @@ def guided_step_count(total_steps: int, guided_steps: int = 0, compression: floa
     return max(1, min(total_steps, math.floor(total_steps / compression + 0.5)))  # halves round up
 
 
-def compression_weights(total_steps: int, guided: list[int]) -> dict[int, int]:
-    """For ``compress`` mode: guided step → number of steps it covers (itself and the skipped ones after it)."""
+COMPRESS_WEIGHTINGS = ("sigma", "count")
+
+
+def compression_weights(schedule: Sequence[float], guided: list[int], weighting: str = "sigma") -> dict[int, float]:
+    """For ``compress`` mode: guided step → its guidance weight ``w_j`` (module docstring).
+
+    ``schedule`` is the sampled sigmas (``N + 1`` values ending in 0). ``sigma``: the noise-level
+    span the step covers over its own; ``count``: the number of steps it covers. A step whose own
+    span is zero (a repeated sigma) falls back to the count.
+    """
+    total_steps = len(schedule) - 1
     bounds = guided + [total_steps]
-    return {step: bounds[i + 1] - step for i, step in enumerate(guided)}
+    weights: dict[int, float] = {}
+    for i, step in enumerate(guided):
+        covered = bounds[i + 1] - step
+        own_span = schedule[step] - schedule[step + 1]
+        if weighting == "sigma" and own_span > 0:
+            weights[step] = (schedule[step] - schedule[bounds[i + 1]]) / own_span
+        else:
+            weights[step] = float(covered)
+    return weights
 
 
 @dataclass
 class _RunState:
     guided: frozenset[int]
-    weights: dict[int, int]
+    weights: dict[int, float]
 
 
 @dataclass(frozen=True)
@@ -84,24 +109,28 @@ class CompressGuidance(GuidancePolicy):
         compression: steps per guided step, ``r = N / n`` (used when ``guided_steps`` is 0);
             1 guides every step (plain CFG).
         guided_steps: ``n`` directly; 0 = use ``compression``.
-        skew: the exponent ``k``; 1 = evenly spread, larger = more guided steps early.
-        mode: ``reuse`` or ``compress`` (module docstring).
+        skew: the exponent ``k``; 1 = evenly spread, larger = fewer guided steps, early.
+        mode: ``compress`` (default, the bench's best) or ``reuse`` (module docstring).
+        weighting: ``compress`` mode's weights, ``sigma`` (default) or ``count`` (module docstring).
     """
 
     compression: float = 4.0
     guided_steps: int = 0
-    skew: float = 2.0
-    mode: str = "reuse"
+    skew: float = 1.0
+    mode: str = "compress"
+    weighting: str = "sigma"
     name = "compg"
 
     def __post_init__(self) -> None:
         validate_compress_guidance(self.compression, self.guided_steps, self.skew, self.mode)
+        if self.weighting not in COMPRESS_WEIGHTINGS:
+            raise InvalidInputError("weighting", self.weighting, f"choose one of {', '.join(COMPRESS_WEIGHTINGS)}")
         object.__setattr__(self, "uses_guidance_cache", self.mode == "reuse")
 
     def start(self, run: GuidanceRun) -> _RunState:
         count = guided_step_count(run.total_steps, self.guided_steps, self.compression)
         guided = guided_step_indices(run.total_steps, count, self.skew)
-        weights = compression_weights(run.total_steps, guided) if self.mode == "compress" else {}
+        weights = compression_weights(run.schedule, guided, self.weighting) if self.mode == "compress" else {}
         return _RunState(frozenset(guided), weights)
 
     def propose(self, state: _RunState, context: StepContext) -> Action | None:
@@ -114,7 +143,7 @@ class CompressGuidance(GuidancePolicy):
 
     def describe(self) -> dict[str, Any]:
         return {"method": self.name, "compression": self.compression, "guided_steps": self.guided_steps,
-                "skew": self.skew, "mode": self.mode}
+                "skew": self.skew, "mode": self.mode, "weighting": self.weighting}
 
 
 def validate_compress_guidance(compression: float, guided_steps: int, skew: float, mode: str) -> None:

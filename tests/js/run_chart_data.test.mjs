@@ -4,7 +4,7 @@ import assert from "node:assert/strict";
 
 import {
   ACTION_COLORS, MAX_STRIP_ROWS, NODE_METHODS, agThreshold, callX, cosineRange, meanOf, runBelongsTo, shapeRun,
-  summaryLine, valueY,
+  summaryLine, valueY, wrapText,
 } from "../../js/run_chart_data.js";
 
 const run = {
@@ -89,4 +89,16 @@ test("a run is drawn only on a node whose method took part", () => {
   assert.equal(runBelongsTo(run, "FastGuidance_CompareImages"), false);
   assert.equal(runBelongsTo({}, "FastGuidance_AdaptiveGuidance"), false);
   assert.deepEqual(new Set(Object.values(NODE_METHODS)), new Set(["ag", "compg", "linear_ag", "agd"]));
+});
+
+test("a run's advice is kept for the chart, and wrapped to the chart's width", () => {
+  const advice = ["Adaptive Guidance never cut guidance (highest cosine 0.99870, threshold 0.9995): fix it."];
+  assert.deepEqual(shapeRun({ ...run, advice }).advice, advice);
+  assert.deepEqual(shapeRun(run).advice, []);
+  assert.deepEqual(shapeRun({ ...run, advice: [null, "", 3, "ok"] }).advice, ["ok"]);
+  const lines = wrapText(advice[0], 20);
+  assert.ok(lines.every((line) => line.length <= 20), lines.join("|"));
+  assert.equal(lines.join(" "), advice[0]);
+  assert.deepEqual(wrapText("abcdefghij", 4), ["abcd", "efgh", "ij"]);
+  assert.deepEqual(wrapText("", 10), []);
 });
