@@ -171,6 +171,9 @@ def run_bench(settings: BenchSettings, out: Path, model: ReferenceModel | None =
                 # AdaDiff's claim: more complex prompts (more named attributes) get more steps
                 "steps_complexity_correlation": (complexity_correlation([scene.complexity for scene in scenes],
                                                                         steps_used) if variant.choose_steps else None),
+                "defaults": variant.defaults,
+                "tune_target": variant.tune_target,
+                **(variant.extra(context) if variant.extra else {}),
             })
     result = {"settings": {**settings.to_dict(), "model": model.metadata.get("format") if hasattr(model, "metadata") else None,
                            "model_parameters": model.count_parameters(), "threads": torch.get_num_threads(),

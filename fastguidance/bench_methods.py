@@ -19,6 +19,7 @@ from .engine import GuidancePolicy
 from .errors import TensorFileError
 from .fingerprint import weights_fingerprint
 from .policies import AdaptiveGuidance, CompressGuidance
+from .policies.adaptive import PAPER_SETTINGS
 from .policies.linear_ag import LinearAG, LinearAGCalibration, LinearAGCoefficients
 from .reference.model import ReferenceModel, TextConditioning
 from .reference.scenes import random_scene
@@ -91,12 +92,17 @@ class BenchVariant:
     #: loads (and checks) the files the variant needs; run for every variant before any sampling
     load_files: Callable[[BenchContext], Any] | None = None
     scale: float | None = None  # CFG scale of this row; None: the benchmark's --scale
+    #: the row of the method's node at its default settings (``"defaults": true`` in bench.json)
+    defaults: bool = False
+    #: a row whose setting FastGuidance Tune chose for this fidelity target (``"tune_target"``)
+    tune_target: float | None = None
+    #: more of the row for bench.json (the tuning's settings and cost)
+    extra: Callable[[BenchContext], dict] | None = None
 
     @property
     def label(self) -> str:
-        if not self.settings:
-            return self.method
-        return self.method + " " + " ".join(f"{key}={value}" for key, value in self.settings.items())
+        label = self.method + "".join(f" {key}={value}" for key, value in self.settings.items())
+        return label + (" (defaults)" if self.defaults else "")
 
 
 def baseline_variants() -> list[BenchVariant]:
@@ -106,32 +112,41 @@ def baseline_variants() -> list[BenchVariant]:
 
 
 def adaptive_guidance_variants() -> list[BenchVariant]:
-    """The paper's threshold, a lower one, and the reuse extension; then the cosine of the denoised
-    predictions (an extension, see :func:`fastguidance.guidance.per_sample_cosine`) at three thresholds."""
-    variants = []
-    for threshold in (0.991, 0.98):
-        variants.append(BenchVariant("ag", {"threshold": threshold},
-                                     lambda _, threshold=threshold: [AdaptiveGuidance(threshold=threshold)]))
-    variants.append(BenchVariant("ag", {"threshold": 0.98, "after_cutoff": "reuse"},
-                                 lambda _: [AdaptiveGuidance(threshold=0.98, after_cutoff="reuse")]))
-    for threshold in (0.991, 0.998, 0.9995):
-        variants.append(BenchVariant("ag", {"threshold": threshold, "cosine_space": "denoised"},
-                                     lambda _, threshold=threshold: [AdaptiveGuidance(threshold=threshold,
-                                                                                      cosine_space="denoised")]))
-    return variants
+    """The node's defaults (denoised cosine 0.9995, convergence 0.5); the paper's rule (noise cosine
+    0.991, no convergence condition: it cuts at the first step on this model) and the same with the
+    convergence condition; the reuse extension; the denoised cosine at other thresholds."""
+    def ag(**settings):
+        return lambda _: [AdaptiveGuidance(**settings)]
+
+    paper = dict(PAPER_SETTINGS)
+    return [
+        BenchVariant("ag", {}, ag(), defaults=True),
+        BenchVariant("ag", {"threshold": paper["threshold"], "cosine_space": paper["cosine_space"],
+                            "convergence": paper["convergence"]}, ag(**paper)),  # the paper's rule
+        BenchVariant("ag", {"threshold": 0.991, "cosine_space": "noise", "convergence": 0.5},
+                     ag(threshold=0.991, cosine_space="noise", convergence=0.5)),
+        BenchVariant("ag", {"threshold": 0.98, "cosine_space": "noise", "after_cutoff": "reuse", "convergence": 1.0},
+                     ag(threshold=0.98, cosine_space="noise", after_cutoff="reuse", convergence=1.0)),
+    ] + [BenchVariant("ag", {"threshold": threshold}, ag(threshold=threshold)) for threshold in (0.991, 0.998, 0.9998)]
 
 
 def compress_guidance_variants() -> list[BenchVariant]:
-    """Compression rates around the issue's goal (rate 5 = 4 guided of 20 steps = 40% fewer
-    evaluations), skews below, at and above 1, both modes, and the combination with Adaptive Guidance."""
+    """The node's defaults (rate 4, k = 1, compress by noise-level span); rates around 40% fewer
+    evaluations (rate 5 = 4 guided of 20 steps); skews below, at and above 1 (the paper's rule: k > 1
+    guides fewer steps); both modes; compress weighted by span and by count; and with AG."""
+    def compg(rate, skew, mode, weighting="sigma"):
+        return lambda _: [CompressGuidance(compression=rate, skew=skew, mode=mode, weighting=weighting)]
+
+    variants = [BenchVariant("compg", {}, lambda _: [CompressGuidance()], defaults=True)]
     grid = [(2.0, 1.0, "reuse"), (5.0, 0.5, "reuse"), (5.0, 1.0, "reuse"), (5.0, 2.0, "reuse"),
-            (10.0, 1.0, "reuse"), (5.0, 1.0, "compress"), (5.0, 2.0, "compress")]
-    variants = [BenchVariant("compg", {"rate": rate, "k": skew, "mode": mode},
-                             lambda _, rate=rate, skew=skew, mode=mode: [
-                                 CompressGuidance(compression=rate, skew=skew, mode=mode)])
-                for rate, skew, mode in grid]
-    variants.append(BenchVariant("ag+compg", {"threshold": 0.991, "rate": 5.0, "k": 1.0},
-                                 lambda _: [AdaptiveGuidance(threshold=0.991), CompressGuidance(5.0, skew=1.0)]))
+            (10.0, 1.0, "reuse"), (2.0, 1.0, "compress"), (5.0, 1.0, "compress"), (5.0, 2.0, "compress"),
+            (10.0, 1.0, "compress")]
+    variants += [BenchVariant("compg", {"rate": rate, "k": skew, "mode": mode}, compg(rate, skew, mode))
+                 for rate, skew, mode in grid]
+    variants.append(BenchVariant("compg", {"rate": 5.0, "k": 1.0, "mode": "compress", "weighting": "count"},
+                                 compg(5.0, 1.0, "compress", "count")))
+    variants.append(BenchVariant("ag+compg", {"rate": 5.0},
+                                 lambda _: [AdaptiveGuidance(), CompressGuidance(5.0)]))
     return variants
 
 
@@ -162,17 +177,20 @@ def calibrate_linear_ag(context: BenchContext, paths: int = LINEAR_AG_CALIBRATIO
                                             "cfg": settings.scale, "name": "reference model (bench)"})
 
 
+def linear_ag_calibration(context: BenchContext) -> LinearAGCoefficients:
+    """The benchmark's LinearAG calibration, fitted once and shared by every row that needs it."""
+    key = f"linear_ag calibration ({LINEAR_AG_CALIBRATION_PATHS} paths, window {LINEAR_AG_WINDOW})"
+    return context.prepared(key, lambda: calibrate_linear_ag(context))
+
+
 def linear_ag_variants() -> list[BenchVariant]:
     """The paper's alternating policy, estimating every step from a point on, and error bounds."""
 
     def policies(**options):
-        def make(context: BenchContext) -> list[GuidancePolicy]:
-            key = f"linear_ag calibration ({LINEAR_AG_CALIBRATION_PATHS} paths, window {LINEAR_AG_WINDOW})"
-            return [LinearAG(context.prepared(key, lambda: calibrate_linear_ag(context)), **options)]
-        return make
+        return lambda context: [LinearAG(linear_ag_calibration(context), **options)]
 
     return [
-        BenchVariant("linear_ag", {"mode": "alternate"}, policies(mode="alternate")),
+        BenchVariant("linear_ag", {}, policies(), defaults=True),
         BenchVariant("linear_ag", {"mode": "after_step", "after_step": 4}, policies(mode="after_step", after_step=4)),
         BenchVariant("linear_ag", {"mode": "after_step", "after_step": 8}, policies(mode="after_step", after_step=8)),
         BenchVariant("linear_ag", {"mode": "error_bound", "error_bound": 0.3},
@@ -204,15 +222,14 @@ def adadiff_variants() -> list[BenchVariant]:
     The predictor was trained for the default schedule (20 steps max, dpmpp_2m / karras, cfg 5).
     """
     return [
-        BenchVariant("adadiff", {}, choose_steps=predicted_steps, load_files=shipped_step_predictor),
-        BenchVariant("adadiff+ag", {"threshold": 0.991},
-                     lambda _: [AdaptiveGuidance(threshold=0.991)], choose_steps=predicted_steps,
+        BenchVariant("adadiff", {}, choose_steps=predicted_steps, load_files=shipped_step_predictor, defaults=True),
+        BenchVariant("adadiff+ag", {}, lambda _: [AdaptiveGuidance()], choose_steps=predicted_steps,
                      load_files=shipped_step_predictor),
-        BenchVariant("adadiff+compg", {"rate": 5.0, "k": 1.0},
-                     lambda _: [CompressGuidance(5.0, skew=1.0)], choose_steps=predicted_steps,
+        BenchVariant("adadiff+compg", {"rate": 5.0},
+                     lambda _: [CompressGuidance(5.0)], choose_steps=predicted_steps,
                      load_files=shipped_step_predictor),
-        BenchVariant("adadiff+compg", {"rate": 2.0, "k": 1.0},
-                     lambda _: [CompressGuidance(2.0, skew=1.0)], choose_steps=predicted_steps,
+        BenchVariant("adadiff+compg", {"rate": 2.0},
+                     lambda _: [CompressGuidance(2.0)], choose_steps=predicted_steps,
                      load_files=shipped_step_predictor),
     ]
 
@@ -232,9 +249,68 @@ def adapted_model(context: BenchContext) -> Any:
 
 def agd_variants() -> list[BenchVariant]:
     """AGD: one adapted pass per step (ω = the benchmark's scale), alone and with AdaDiff's steps."""
-    return [BenchVariant("agd", {}, guided=False, single_pass=adapted_model, load_files=adapted_model),
+    return [BenchVariant("agd", {}, guided=False, single_pass=adapted_model, load_files=adapted_model, defaults=True),
             BenchVariant("adadiff+agd", {}, guided=False, single_pass=adapted_model, choose_steps=predicted_steps,
                          load_files=lambda context: (adapted_model(context), shipped_step_predictor(context)))]
+
+
+#: FastGuidance Tune in the benchmark: prompts it tunes on (training combinations, seeds apart from the bench's)
+TUNE_PROMPTS = 8
+TUNE_TARGETS = (0.95, 0.98)
+
+
+def tuned(context: BenchContext, method: str, target: float) -> Any:
+    """:func:`fastguidance.tune.tune` for one method on :data:`TUNE_PROMPTS` prompts of their own
+    (none of the benchmark's images), with the benchmark's sampler, schedule and scale; once."""
+    from .reference.model import to_image
+    from .tune import adaptive_guidance_method, compress_guidance_method, linear_ag_method, tune
+
+    def run() -> Any:
+        settings, model = context.settings, context.model
+        rng = random.Random(2_000_000 + settings.seed)
+        prompts = [random_scene(rng, held_out=False).prompt for _ in range(TUNE_PROMPTS)]
+        noise = torch.randn(TUNE_PROMPTS, 3, 32, 32, generator=torch.Generator().manual_seed(2_000_000 + settings.seed))
+        with torch.no_grad():
+            cond = model.encode(prompts)
+
+        @torch.no_grad()
+        def sample_prompts(policies):
+            result = sample(model, noise, context.sigmas, cond, context.uncond, settings.scale, settings.sampler,
+                            list(policies), percent_to_sigma=model.schedule.percent_to_sigma)
+            spent = (result.run.evaluations_per_sample() if result.run is not None
+                     else [2 * (len(context.sigmas) - 1)] * TUNE_PROMPTS)
+            return to_image(result.latent), spent
+
+        searched = {"ag": adaptive_guidance_method,
+                    "compg": lambda: compress_guidance_method(settings.steps),
+                    "linear_ag": lambda: linear_ag_method(linear_ag_calibration(context))}[method]()
+        return tune(sample_prompts, [searched], target)
+
+    return context.prepared(f"tune {method} to SSIM {target} ({TUNE_PROMPTS} prompts)", run)
+
+
+def tuned_variants() -> list[BenchVariant]:
+    """Each tunable method at the setting FastGuidance Tune chose for each target (plain CFG where none met it)."""
+    def policies(method, target):
+        def make(context: BenchContext) -> list[GuidancePolicy]:
+            result = tuned(context, method, target)
+            policy = result.policy_of(result.best[method])
+            return [] if policy is None else [policy]
+        return make
+
+    def extra(method, target):
+        def describe(context: BenchContext) -> dict:
+            result = tuned(context, method, target)
+            best = result.best[method]
+            return {"tuning": {"prompts": TUNE_PROMPTS, "samplings": result.samplings,
+                               "settings": None if best is None else result.settings_of(best),
+                               "tuned_evaluations": None if best is None else best.evaluations,
+                               "tuned_ssim_min": None if best is None else best.worst}}
+        return describe
+
+    return [BenchVariant(method, {"tuned": target}, policies(method, target), tune_target=target,
+                         extra=extra(method, target))
+            for target in TUNE_TARGETS for method in ("ag", "compg", "linear_ag")]
 
 
 #: every method's variants, in table order; later methods add their factory here
@@ -245,6 +321,7 @@ VARIANT_FACTORIES: tuple[Callable[[], list[BenchVariant]], ...] = (
     linear_ag_variants,
     adadiff_variants,
     agd_variants,
+    tuned_variants,
 )
 
 

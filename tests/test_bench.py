@@ -22,6 +22,12 @@ def test_bench_smoke_run_writes_json_grid_and_plot(tmp_path, capsys):
     for row in data["rows"]:
         assert REQUIRED <= set(row)
         assert 0.0 <= row["adherence"] <= 1.0
+    defaults = {row["method"] for row in data["rows"] if row["defaults"]}
+    assert defaults == {"ag", "compg", "linear_ag", "adadiff", "agd"}
+    tuned = [row for row in data["rows"] if row["tune_target"] is not None]
+    assert sorted((row["method"], row["tune_target"]) for row in tuned) == [
+        (method, target) for method in ("ag", "compg", "linear_ag") for target in (0.95, 0.98)]
+    assert all(row["tuning"]["samplings"] >= 2 and row["tuning"]["prompts"] == 8 for row in tuned)
     cfg = next(row for row in data["rows"] if row["method"] == "cfg")
     none = next(row for row in data["rows"] if row["method"] == "none")
     assert cfg["model_evals"] == 2 * 3 and none["model_evals"] == 3
