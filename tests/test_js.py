@@ -51,3 +51,21 @@ def test_the_chart_knows_every_engine_action_and_every_method_node():
     nodes_source = "".join(path.read_text(encoding="utf-8") for path in (PROJECT_ROOT / "nodes").glob("*.py"))
     assert set(methods) <= set(re.findall(r'node_id="(FastGuidance_\w+)"', nodes_source))
     assert methods["FastGuidance_LoadGuidanceAdapter"] == "agd"
+
+
+def test_legacy_values_of_saved_workflows_are_the_paper_rule_the_nodes_ran_before():
+    """Workflows saved before `cosine_space` / `convergence` existed ran the noise cosine without the
+    convergence condition: the page (js/legacy_inputs.js) and the nodes' execute defaults agree."""
+    import re
+
+    from fastguidance.policies.adaptive import CONVERGENCE_OFF, PAPER_SETTINGS
+
+    text = (PROJECT_ROOT / "js" / "legacy_inputs.js").read_text(encoding="utf-8")
+    entries = re.findall(r'(FastGuidance_\w+): Object\.freeze\(\{ cosine_space: "(\w+)", convergence: ([\d.]+) \}\)', text)
+    assert {node for node, *_ in entries} == {"FastGuidance_AdaptiveGuidance", "FastGuidance_AdaptiveGuider"}
+    for _, space, convergence in entries:
+        assert space == PAPER_SETTINGS["cosine_space"] and float(convergence) == CONVERGENCE_OFF
+    node = (PROJECT_ROOT / "nodes" / "adaptive_guidance.py").read_text(encoding="utf-8")
+    assert 'LEGACY_VALUES = {"cosine_space": PAPER_SETTINGS["cosine_space"], "convergence": CONVERGENCE_OFF}' in node
+    assert node.count('convergence: float = LEGACY_VALUES["convergence"]') == 2
+    assert node.count('cosine_space: str = LEGACY_VALUES["cosine_space"]') == 2
