@@ -4,7 +4,8 @@
   a function that was in the slot before is chained (it still does every evaluation);
 - a keyed ``OUTER_SAMPLE`` wrapper creates the run object of each sampling run, puts it in a clone
   of the guider's model options (the patched MODEL is cached and reused across prompts, so it holds
-  no run state), logs the run's summary once and sends the run's record to the page.
+  no run state), logs the run's summary once and sends the run's record to the page; a caller that
+  samples a patched model itself can receive the finished run instead (:data:`RUN_OBSERVER_KEY`).
 
 Several FastGuidance patches on one model share one engine: each adds its policy, and the core's
 combination rule (``fastguidance.engine``) decides.
@@ -32,6 +33,13 @@ ENGINE_KEY = "fastguidance"
 RUN_KEY = "fastguidance_run"
 #: event sent to the page after each run (data: node id, summary, per-call records)
 RUN_EVENT = "fastguidance.run"
+#: optional transformer_options key of a callable that receives each finished :class:`GuidanceRun`
+#: of the model (its counts and records), called once the sampler has returned or raised. The run is
+#: then handed to the caller instead of being logged and sent to the page: the caller reports (the
+#: Tune node samples dozens of trial runs and logs one summary). Absent (every patch node's model):
+#: nothing changes. Give the callable ``__deepcopy__`` returning itself: ComfyUI 0.3.64 deep-copies
+#: model options on ``clone()``.
+RUN_OBSERVER_KEY = "fastguidance_run_observer"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +110,7 @@ def engine_outer_sample(executor, *args, **kwargs):
     model_sampling = guider.model_patcher.get_model_object("model_sampling")
     host_run = _HostRun(GuidanceRun(config.policies, sigmas, noise.shape[0], model_sampling.percent_to_sigma))
     original_options = guider.model_options
+    observer = original_options["transformer_options"].get(RUN_OBSERVER_KEY)
     guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
     guider.model_options["transformer_options"][RUN_KEY] = host_run
     try:
@@ -109,7 +118,11 @@ def engine_outer_sample(executor, *args, **kwargs):
     finally:
         guider.model_options = original_options
         try:
-            _report(config, host_run, type(guider).__name__)
+            if observer is None:
+                _report(config, host_run, type(guider).__name__)
+            else:
+                host_run.run.finish()
+                observer(host_run.run)
         except Exception:  # reporting must never mask the sampler's own result or error
             log.exception("FastGuidance: could not report the run")
 

@@ -15,6 +15,7 @@ from ..fastguidance.errors import InvalidInputError
 LINEAR_AG = "fastguidance_linear_ag"
 ADAPTERS = "fastguidance_adapters"
 STEP_PREDICTORS = "fastguidance_step_predictors"
+PRESETS = "fastguidance_presets"
 EXTENSIONS = {".safetensors"}
 
 
