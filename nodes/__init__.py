@@ -10,6 +10,7 @@ from .compress_guidance import CompressGuidanceNode, CompressGuiderNode
 from .guidance_adapter import LoadGuidanceAdapterNode, TrainGuidanceAdapterNode
 from .linear_ag import LinearAGCalibrateNode, LinearAGNode
 from .step_predictor import StepPredictorNode, TrainStepPredictorNode
+from .tune import LoadPresetNode, TuneNode
 
 #: the one list of the pack's nodes
 NODES: list[type[io.ComfyNode]] = [
@@ -21,9 +22,11 @@ NODES: list[type[io.ComfyNode]] = [
     LinearAGCalibrateNode,
     LoadGuidanceAdapterNode,
     LinearAGNode,
+    LoadPresetNode,
     StepPredictorNode,
     TrainGuidanceAdapterNode,
     TrainStepPredictorNode,
+    TuneNode,
 ]
 
 
