@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -49,6 +49,8 @@ class FourierFeatures(nn.Module):
         self.register_buffer("frequencies", frequencies, persistent=False)
 
     def forward(self, values: torch.Tensor) -> torch.Tensor:
+        # ``frequencies`` is a buffer: it moves with the module (the host's ModelPatcher), so on the
+        # module's device this ``to`` is a no-op; it only copies for values on another device
         angles = 2 * math.pi * values.float().reshape(-1, 1) * self.frequencies.to(values.device)
         return torch.cat([angles.sin(), angles.cos()], dim=1)
 
@@ -164,11 +166,12 @@ class GuidanceAdapters(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def bind(self, omega: torch.Tensor, sigma: torch.Tensor, tokens: torch.Tensor, pooled: torch.Tensor | None = None,
-             mask: torch.Tensor | None = None, row_scale: torch.Tensor | None = None) -> "BoundAdapters":
+             mask: torch.Tensor | None = None, row_scale: torch.Tensor | float | None = None) -> "BoundAdapters":
         """The adapters for one model call: the embedding is computed once here, for every attach point.
 
-        ``row_scale`` (``[B]``, optional) multiplies each sample's adapter output: the host's strength
-        on the conditional rows and 0 on rows that must stay the plain model (an uncond in the batch).
+        ``row_scale`` (optional) multiplies the adapter output: one number for every row, or ``[B]``, one
+        per sample: the host's strength on the conditional rows and 0 on rows that must stay the plain
+        model (an uncond in the batch). :func:`adapter_row_scale` makes it without a host→device copy.
         """
         return BoundAdapters(self, self.conditioner(omega, sigma, pooled), tokens, mask, row_scale)
 
@@ -181,7 +184,7 @@ class BoundAdapters:
     embedding: torch.Tensor
     tokens: torch.Tensor
     mask: torch.Tensor | None
-    row_scale: torch.Tensor | None = None
+    row_scale: torch.Tensor | float | None = None
 
     def __call__(self, name: str, n: torch.Tensor) -> torch.Tensor:
         key = _module_key(name)
@@ -189,9 +192,32 @@ class BoundAdapters:
             raise KeyError(f"no adapter for attach point {name!r}; these adapters were made for "
                            f"{sorted(self.adapters.spec.attach_points)}")
         delta = self.adapters.adapters[key].delta(n, self.embedding, self.tokens, self.mask)
-        if self.row_scale is not None:
+        if torch.is_tensor(self.row_scale):
             delta = delta * self.row_scale.reshape(-1, *([1] * (delta.dim() - 1))).to(delta)
+        elif self.row_scale is not None:
+            delta = delta * self.row_scale
         return n + delta.to(n.dtype)
+
+
+def adapter_row_scale(cond_or_uncond: Sequence[int] | None, batch: int, strength: float,
+                      device: torch.device | str) -> torch.Tensor | float | None:
+    """The ``row_scale`` of one model call's batch (:meth:`GuidanceAdapters.bind`), made without host data.
+
+    ``cond_or_uncond`` lists the batch's chunks as the host does (0 = cond, 1 = uncond; ``None`` or
+    empty: all cond), each ``batch / len(cond_or_uncond)`` rows. Cond rows get ``strength``, uncond rows
+    0. Returns ``None`` when every row is 1 (nothing to scale), a Python number when every row shares
+    one value, else a ``[batch]`` float32 tensor filled on ``device`` chunk by chunk (fills, no
+    host→device copy: ``torch.tensor(rows).to(device)`` would block the host on every call).
+    """
+    kinds = list(cond_or_uncond) if cond_or_uncond else [0]
+    values = [float(strength) if kind == 0 else 0.0 for kind in kinds]
+    if all(value == values[0] for value in values):
+        return None if values[0] == 1.0 else values[0]
+    per_chunk = batch // len(kinds)
+    scale = torch.empty(batch, dtype=torch.float32, device=device)
+    for index, value in enumerate(values):
+        scale[index * per_chunk:(index + 1) * per_chunk].fill_(value)
+    return scale
 
 
 def prompt_vector(tokens: torch.Tensor, pooled: torch.Tensor | None) -> torch.Tensor:

@@ -37,10 +37,21 @@ The uncond is evaluated for the whole batch when any sample's action is FULL (th
 cond and uncond as whole batches); samples whose action is not FULL still get their estimate, so a
 sample's result never depends on the other samples of its batch.
 
-**Host synchronisation.** Policies decide on the host. The only device→host read of a model call
-happens in :meth:`GuidanceRun.plan`: one small tensor holding the call's sigma and the cosines
-measured at the previous FULL call. Cosines are computed on the device right after the evaluation
-and read at the start of the next call, so nothing waits for them in the step that produced them.
+**Device↔host traffic per model call.** Policies decide on the host, so a call reads at most one
+small tensor back from the device, in :meth:`GuidanceRun.plan` (:meth:`GuidanceRun._read_host_values`):
+the call's sigma (one value) and, after a FULL call of a policy that measures a cosine (Adaptive
+Guidance), that call's per-sample cosines (``B`` values), concatenated so they cross in one copy. The
+cosines are computed on the device right after the evaluation and read at the start of the next call,
+which needs them to decide (AG's latch applies at the call right after the one that measured it;
+reading them later would change results). This read makes the host wait for the work already queued
+on the device, once per call. Where no policy reads the sigma or step and no cosine is pending
+(guidance adapters alone, :attr:`GuidancePolicy.reads_sigma`), the call reads nothing: the sigmas of
+such calls stay on the device and fill the records in one read when the run finishes.
+Nothing is copied from the host to the device during a call: per-sample masks are built on the
+device with fills and kept per run (:meth:`GuidanceRun._sample_mask`), scalars (sigma, guidance
+weight, LinearAG's coefficients) enter device arithmetic as Python numbers. Policy state (latches,
+schedules, calibration tables) lives on the host as Python values, read from tensors before sampling
+(when a policy is made or a run starts), never per call. Tested per method by ``tests/test_host_sync.py``.
 """
 
 from __future__ import annotations
@@ -154,6 +165,10 @@ class GuidancePolicy:
     cosine_space: str = "noise"
     #: the policy may propose REUSE, so the run keeps ``(c − u)/σ`` of each sample's last FULL call
     uses_guidance_cache: bool = False
+    #: the policy reads the call's ``sigma`` or ``step`` (:class:`StepContext`). When no policy of a run
+    #: does (and no cosine is pending), a call reads nothing from the device; its context then has
+    #: ``sigma = nan`` and ``step = -1``, and its record is filled when the run finishes
+    reads_sigma: bool = True
 
     def start(self, run: "GuidanceRun") -> Any:
         """Create the per-run state (called once when the run begins)."""
@@ -274,16 +289,24 @@ class GuidanceRun:
         self._guidance_cache: torch.Tensor | None = None
         self._cache_valid = [False] * batch_size
         self._pending_cosine: tuple[CallRecord, torch.Tensor] | None = None
+        self._reads_sigma = any(policy.reads_sigma for policy in self.policies)
+        self._unread_sigmas: list[tuple[CallRecord, torch.Tensor]] = []  # calls that read nothing
+        self._masks: dict[tuple, torch.Tensor] = {}  # per-sample masks on the device, per flags/device/rank
         self._states = [policy.start(self) for policy in self.policies]
 
     # -- per model call -------------------------------------------------------------------------
 
     def plan(self, sigma: torch.Tensor) -> StepPlan:
         """Decide the actions of the next model call at noise level ``sigma`` (tensor ``[B]``)."""
-        sigma_value = self._read_host_values(sigma)
+        if self._reads_sigma or self._pending_cosine is not None:
+            sigma_value = self._read_host_values(sigma)
+            step = step_index(self.schedule, sigma_value)
+        else:  # nothing to read: the sigma stays on the device until the run finishes
+            sigma_value, step = math.nan, -1
+            self._unread_sigmas.append((None, sigma.detach().reshape(-1)[:1].float().clone()))
         context = StepContext(
             call=len(self.records),
-            step=step_index(self.schedule, sigma_value),
+            step=step,
             sigma=sigma_value,
             total_steps=self.total_steps,
             batch_size=self.batch_size,
@@ -311,6 +334,8 @@ class GuidanceRun:
         record = CallRecord(plan.context.call, plan.context.step, plan.context.sigma, plan.actions,
                             evaluations=2 if uncond is not None else 1, guidance_weight=plan.guidance_weight)
         self.records.append(record)
+        if self._unread_sigmas and self._unread_sigmas[-1][0] is None:
+            self._unread_sigmas[-1] = (record, self._unread_sigmas[-1][1])
         if uncond is not None:
             self._learn(plan, record, x, cond, uncond)
         uncond_hat = self._uncond_estimate(plan, x, cond, uncond)
@@ -327,11 +352,12 @@ class GuidanceRun:
     # -- end of run -----------------------------------------------------------------------------
 
     def finish(self) -> RunSummary:
-        """Read what is still on the device (the last cosine) and return the run's counts."""
+        """Read what is still on the device (the last cosine, unread sigmas) and return the run's counts."""
         if self._pending_cosine is not None:
             record, cosine = self._pending_cosine
             self._pending_cosine = None
             self._deliver_cosine(record, cosine.tolist())
+        self._fill_unread_sigmas()
         return self.summary()
 
     def summary(self) -> RunSummary:
@@ -356,6 +382,7 @@ class GuidanceRun:
 
     def to_dict(self) -> dict[str, Any]:
         """The run as plain data (for the frontend message and the benchmark)."""
+        self._fill_unread_sigmas()
         return {
             "policies": [policy.describe() for policy in self.policies],
             "total_steps": self.total_steps,
@@ -377,15 +404,35 @@ class GuidanceRun:
         return proposal
 
     def _read_host_values(self, sigma: torch.Tensor) -> float:
-        """The one device→host read of a call: this call's sigma plus the pending cosines."""
+        """The one device→host read of a call (module docstring): this call's sigma plus the pending cosines.
+
+        It waits for the device to finish what is queued. It is kept, not deferred: the sigma gives the
+        step every policy decides on (midpoint samplers call between schedule entries, so the host cannot
+        know it from the schedule alone), and AG's latch must act at the call right after the cosine that
+        triggers it. Reading the cosine later (pinned buffer, fixed delay) would latch one call later and
+        change results.
+        """
         first_sigma = sigma.reshape(-1)[:1].float()
         if self._pending_cosine is None:
             return float(first_sigma.item())
         record, cosine = self._pending_cosine
         self._pending_cosine = None
-        values = torch.cat([first_sigma.to(cosine.device), cosine]).tolist()
+        if first_sigma.device != cosine.device:  # a sigma in host memory is read without the device
+            values = [float(first_sigma.item())] + cosine.tolist()
+        else:
+            values = torch.cat([first_sigma, cosine]).tolist()
         self._deliver_cosine(record, values[1:])
         return float(values[0])
+
+    def _fill_unread_sigmas(self) -> None:
+        """Sigma and step of the calls that read nothing (:attr:`GuidancePolicy.reads_sigma`): one read for all."""
+        unread = [(record, sigma) for record, sigma in self._unread_sigmas if record is not None]
+        self._unread_sigmas = []
+        if not unread:
+            return
+        values = torch.cat([sigma.to(unread[0][1].device) for _, sigma in unread]).tolist()
+        for (record, _), value in zip(unread, values):
+            record.sigma, record.step = float(value), step_index(self.schedule, float(value))
 
     def _deliver_cosine(self, record: CallRecord, cosine: Sequence[float]) -> None:
         measured = [value if action == Action.FULL else None for value, action in zip(cosine, record.actions)]
@@ -426,7 +473,22 @@ class GuidanceRun:
         rows = [for_batch(action, owner)[b:b + 1] for b, (action, owner) in enumerate(zip(plan.actions, plan.owners))]
         return torch.cat(rows, dim=0)
 
-    @staticmethod
-    def _sample_mask(flags: Sequence[bool], like: torch.Tensor) -> torch.Tensor:
-        mask = torch.tensor(flags, device=like.device, dtype=torch.bool)
-        return mask.reshape(-1, *([1] * (like.dim() - 1)))
+    def _sample_mask(self, flags: Sequence[bool], like: torch.Tensor) -> torch.Tensor:
+        """``flags`` as a boolean ``[B, 1, …]`` mask on ``like``'s device, built there and kept for the run.
+
+        Built with fills of runs of ``True`` (no host→device copy, which ``torch.tensor(flags, device=…)``
+        would be); a run meets few distinct patterns (AG latches each sample once)."""
+        key = (tuple(bool(flag) for flag in flags), like.device, like.dim())
+        mask = self._masks.get(key)
+        if mask is None:
+            mask = torch.zeros(len(flags), dtype=torch.bool, device=like.device)
+            start = None
+            for index, flag in enumerate(key[0] + (False,)):
+                if flag and start is None:
+                    start = index
+                elif not flag and start is not None:
+                    mask[start:index].fill_(True)
+                    start = None
+            mask = mask.reshape(-1, *([1] * (like.dim() - 1)))
+            self._masks[key] = mask
+        return mask

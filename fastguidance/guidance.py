@@ -37,7 +37,8 @@ def per_sample_cosine(x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
     the cosine is scale-invariant, so it is computed on ``x − denoised`` directly, which is valid for
     every parameterisation (EPS, v, flow). Each sample is flattened on its own: the statistic is per
     sample, never over the whole batch. Works for any latent rank (4-D images, 5-D video).
-    The result stays on the device (no host synchronisation).
+    The result stays on the device: this function reads nothing back (the engine reads the cosines
+    with the next call's sigma, in one copy).
 
     ``space="denoised"`` gives ``cos(c, u)`` instead. Why it exists: at the first step ``x ≈ σ_max·n``
     dominates both noise directions, so ``1 − γ`` is at most about ``½‖c − u‖²/‖x − u‖²`` (only the part of

@@ -9,7 +9,9 @@ Diffusion-Based Generative Models"): the model is a *denoiser* ``D(x, σ) → x�
   which exercises the engine's step index for midpoint samplers;
 - ``dpmpp_2m``: DPM-Solver++(2M) (Lu et al., 2022b, Alg. 2), a second-order multistep method.
 
-Sigmas are read on the host once per run; the per-step path has no host synchronisation.
+Sigmas are read on the host once per run, and the samplers themselves read nothing from the device
+per step; a guided call reads what the engine documents (at most one small tensor per model call,
+see "Device↔host traffic" in :mod:`fastguidance.engine`).
 """
 
 from __future__ import annotations

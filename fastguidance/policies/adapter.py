@@ -18,6 +18,7 @@ class AdapterGuidance(GuidancePolicy):
     """Proposes ``ADAPTER`` for every sample of every call."""
 
     name = "agd"
+    reads_sigma = False  # the same action at every call: adapters alone read nothing from the device per call
 
     def __init__(self, omega: float | None, strength: float = 1.0):
         self.omega = omega  # None: the sampler's cfg

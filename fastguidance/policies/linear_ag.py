@@ -31,6 +31,7 @@ Gram matrix.
 from __future__ import annotations
 
 import math
+import struct
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,12 +134,17 @@ class LinearAGCalibration:
         columns[-1] = torch.ones_like(x)
         columns.append(cond - uncond)  # the target g_t
         stacked = torch.stack([column.reshape(batch, -1).float() for column in columns], dim=1)  # [B, P+1, N]
-        held = torch.tensor([self.is_held_out(first_path + b) for b in range(batch)], device=x.device)
-        for mask, grams in ((~held, self._gram_fit), (held, self._gram_held)):
-            if bool(mask.any()):
-                part = stacked[mask]
-                gram = torch.einsum("bpn,bqn->pq", part, part).to(device="cpu", dtype=torch.float64)
-                grams[context.call] = grams[context.call] + gram if context.call in grams else gram
+        held = [self.is_held_out(first_path + b) for b in range(batch)]
+        for is_held, grams in ((False, self._gram_fit), (True, self._gram_held)):
+            rows = [b for b in range(batch) if held[b] == is_held]
+            if not rows:
+                continue
+            part = stacked if len(rows) == batch else torch.cat([stacked[b:b + 1] for b in rows])
+            # accumulated where the data is (float64): read once, by fit(), not per model call
+            gram = torch.einsum("bpn,bqn->pq", part, part).to(torch.float64)
+            if context.call in grams:
+                gram = grams[context.call].to(gram.device) + gram
+            grams[context.call] = gram
 
     def fit(self, regularization: float = 1e-3, info: dict[str, Any] | None = None) -> "LinearAGCoefficients":
         """Ridge coefficients and held-out error per call (module docstring)."""
@@ -148,6 +154,8 @@ class LinearAGCalibration:
         if not self._gram_held:
             raise FastGuidanceError(f"the calibration has no held-out path: use at least {self.holdout_every} paths")
         calls = sorted(self.call_sigmas)
+        self._gram_fit = {call: gram.cpu() for call, gram in self._gram_fit.items()}
+        self._gram_held = {call: gram.cpu() for call, gram in self._gram_held.items()}
         size = len(regressor_names(self.window))
         coefficients = torch.zeros(len(calls), size, dtype=torch.float64)
         errors = torch.full((len(calls),), math.nan, dtype=torch.float64)
@@ -267,9 +275,21 @@ class ScheduleMismatchError(InvalidInputError):
 class _RunState:
     interpolate: bool
     history: deque
-    #: per call index: (coefficients, held-out error); filled lazily
-    rows: dict[int, tuple[torch.Tensor, float]] = field(default_factory=dict)
-    coefficients_on: dict[Any, torch.Tensor] = field(default_factory=dict)
+    #: per call index: (coefficients as Python numbers, held-out error); filled lazily
+    rows: dict[int, tuple[list[float], float]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _HostTable:
+    """The calibration as Python numbers, read from its tensors once (never per model call)."""
+
+    coefficients: list[list[float]]  # float32 values
+    call_sigmas: list[float]
+    held_out_error: list[float]
+
+    @classmethod
+    def of(cls, table: "LinearAGCoefficients") -> "_HostTable":
+        return cls(table.coefficients.float().tolist(), table.call_sigmas.tolist(), table.held_out_error.tolist())
 
 
 @dataclass(frozen=True, eq=False)  # identity equality: it holds tensors
@@ -294,9 +314,11 @@ class LinearAG(GuidancePolicy):
 
     def __post_init__(self) -> None:
         validate_linear_ag(self.mode, self.after_step, self.error_bound)
+        # the per-call path reads no tensor: coefficients enter the estimate as Python numbers
+        object.__setattr__(self, "_host", _HostTable.of(self.coefficients))
 
     def start(self, run: GuidanceRun) -> _RunState:
-        matches = _same_schedule([float(s) for s in self.coefficients.schedule], run.schedule)
+        matches = _same_schedule(self.coefficients.schedule.tolist(), run.schedule)
         if not matches and not self.interpolate_sigmas:
             raise self._mismatch(f"this run samples {run.total_steps} steps (sigmas {run.schedule[0]:.4g} → "
                                  f"{run.schedule[-2] if len(run.schedule) > 1 else 0:.4g})")
@@ -308,18 +330,18 @@ class LinearAG(GuidancePolicy):
             f"it was calibrated for {self.coefficients.made_for()}; {what}. Calibrate for this sampler, scheduler "
             "and step count, or turn on interpolate_sigmas to pick coefficients by noise level")
 
-    def _row(self, state: _RunState, context: StepContext) -> tuple[torch.Tensor, float]:
+    def _row(self, state: _RunState, context: StepContext) -> tuple[list[float], float]:
         if context.call in state.rows:
             return state.rows[context.call]
-        table = self.coefficients
+        table: _HostTable = self._host
         if state.interpolate:
             row = _interpolate(table, context.sigma)
         else:
             if context.call >= len(table.call_sigmas) or not math.isclose(
-                    float(table.call_sigmas[context.call]), context.sigma, rel_tol=SIGMA_TOLERANCE, abs_tol=1e-6):
+                    table.call_sigmas[context.call], context.sigma, rel_tol=SIGMA_TOLERANCE, abs_tol=1e-6):
                 raise self._mismatch(f"model call {context.call} of this run is at sigma {context.sigma:.4g} "
-                                     f"(another sampler: {table.info.get('sampler', '?')} was calibrated)")
-            row = (table.coefficients[context.call], float(table.held_out_error[context.call]))
+                                     f"(another sampler: {self.coefficients.info.get('sampler', '?')} was calibrated)")
+            row = (table.coefficients[context.call], table.held_out_error[context.call])
         state.rows[context.call] = row
         return row
 
@@ -327,7 +349,7 @@ class LinearAG(GuidancePolicy):
         if not state.history:
             return None
         beta, error = self._row(state, context)
-        if not bool(torch.isfinite(beta).all()):
+        if not all(math.isfinite(value) for value in beta):
             return None
         if self.mode == "alternate":
             wanted = context.step % 2 == 1
@@ -341,12 +363,10 @@ class LinearAG(GuidancePolicy):
         state.history.append((cond, uncond))
 
     def estimate(self, state: _RunState, context: StepContext, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        beta, _ = self._row(state, context)
-        key = (context.call, cond.device)
-        if key not in state.coefficients_on:  # one host→device copy per call
-            state.coefficients_on[key] = beta.to(cond.device)
-        weights = state.coefficients_on[key]
-        guidance = weights[-1].to(torch.float32) * torch.ones_like(cond, dtype=torch.float32)
+        """``û = c − ĝ`` in fp32. The coefficients are Python numbers (float32 values): nothing is copied to
+        the device, and the products are the same float32 products as with device tensors."""
+        weights, _ = self._row(state, context)
+        guidance = torch.full_like(cond, weights[-1], dtype=torch.float32)
         for index, term in enumerate(_regressors(x, cond, state.history, self.coefficients.window)[:-1]):
             if term is not None:
                 guidance = guidance + weights[index] * term.float()
@@ -358,25 +378,38 @@ class LinearAG(GuidancePolicy):
                 "calibrated_for": self.coefficients.made_for()}
 
 
-def _interpolate(table: LinearAGCoefficients, sigma: float) -> tuple[torch.Tensor, float]:
-    """Coefficients and error at ``sigma``: linear in log sigma between calibrated calls, clamped."""
-    sigmas = table.call_sigmas.tolist()
+def _float32(value: float) -> float:
+    """``value`` rounded to the nearest float32 (as a Python number; beyond float32's range: ±inf)."""
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:
+        return math.copysign(math.inf, value)
+
+
+def _interpolate(table: _HostTable, sigma: float) -> tuple[list[float], float]:
+    """Coefficients and error at ``sigma``: linear in log sigma between calibrated calls, clamped.
+
+    The coefficients are combined with float32 rounding at each operation, the arithmetic of the
+    float32 tensors they are stored in: ``f32(f32(1 − w)·a) + f32(f32(w)·b)``, rounded."""
+    sigmas = table.call_sigmas
     order = sorted(range(len(sigmas)), key=lambda i: sigmas[i])
     log_sigma = math.log(max(sigma, 1e-8))
     logs = [math.log(max(sigmas[i], 1e-8)) for i in order]
     if log_sigma <= logs[0]:
         i = order[0]
-        return table.coefficients[i], float(table.held_out_error[i])
+        return table.coefficients[i], table.held_out_error[i]
     if log_sigma >= logs[-1]:
         i = order[-1]
-        return table.coefficients[i], float(table.held_out_error[i])
+        return table.coefficients[i], table.held_out_error[i]
     for position in range(1, len(order)):
         if log_sigma <= logs[position]:
             low, high = order[position - 1], order[position]
             span = logs[position] - logs[position - 1]
             weight = 0.0 if span == 0 else (log_sigma - logs[position - 1]) / span
-            row = (1 - weight) * table.coefficients[low] + weight * table.coefficients[high]
-            error = (1 - weight) * float(table.held_out_error[low]) + weight * float(table.held_out_error[high])
+            keep, take = _float32(1 - weight), _float32(weight)
+            row = [_float32(_float32(keep * a) + _float32(take * b))
+                   for a, b in zip(table.coefficients[low], table.coefficients[high])]
+            error = (1 - weight) * table.held_out_error[low] + weight * table.held_out_error[high]
             return row, error
     raise AssertionError("unreachable: sigma within the calibrated range")
 
