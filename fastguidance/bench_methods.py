@@ -131,10 +131,10 @@ def adaptive_guidance_variants() -> list[BenchVariant]:
 
 
 def compress_guidance_variants() -> list[BenchVariant]:
-    """The node's defaults (rate 4, k = 1, compress by noise-level span); rates around 40% fewer
+    """The node's defaults (rate 4, k = 1, compress weighted by count); rates around 40% fewer
     evaluations (rate 5 = 4 guided of 20 steps); skews below, at and above 1 (the paper's rule: k > 1
-    guides fewer steps); both modes; compress weighted by span and by count; and with AG."""
-    def compg(rate, skew, mode, weighting="sigma"):
+    guides fewer steps); both modes; compress weighted by count and by noise-level span; and with AG."""
+    def compg(rate, skew, mode, weighting="count"):
         return lambda _: [CompressGuidance(compression=rate, skew=skew, mode=mode, weighting=weighting)]
 
     variants = [BenchVariant("compg", {}, lambda _: [CompressGuidance()], defaults=True)]
@@ -143,8 +143,8 @@ def compress_guidance_variants() -> list[BenchVariant]:
             (10.0, 1.0, "compress")]
     variants += [BenchVariant("compg", {"rate": rate, "k": skew, "mode": mode}, compg(rate, skew, mode))
                  for rate, skew, mode in grid]
-    variants.append(BenchVariant("compg", {"rate": 5.0, "k": 1.0, "mode": "compress", "weighting": "count"},
-                                 compg(5.0, 1.0, "compress", "count")))
+    variants.append(BenchVariant("compg", {"rate": 5.0, "k": 1.0, "mode": "compress", "weighting": "sigma"},
+                                 compg(5.0, 1.0, "compress", "sigma")))
     variants.append(BenchVariant("ag+compg", {"rate": 5.0},
                                  lambda _: [AdaptiveGuidance(), CompressGuidance(5.0)]))
     return variants

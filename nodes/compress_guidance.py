@@ -38,8 +38,8 @@ def _settings_inputs() -> list:
         io.Combo.Input(
             "mode", options=list(COMPRESS_MODES), default=_DEFAULTS.mode,
             tooltip="What the steps between guided steps do. compress (default, the bench's best): they are not "
-                    "guided, and the guided step before them gets their share of guidance, in proportion to the "
-                    "noise-level span they cover (the paper's compression). reuse: they keep applying the "
+                    "guided, and the guided step before them gets their share of guidance (a guided step covering m "
+                    "steps gets m times the guidance: the paper's compression). reuse: they keep applying the "
                     "guidance measured at the last guided step (the paper's reuse).",
         ),
     ]

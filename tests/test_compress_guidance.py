@@ -79,19 +79,21 @@ def test_compression_weights_by_count_cover_every_step_once():
 def test_compression_weights_by_sigma_span_on_a_non_uniform_schedule():
     # N = 5, guided steps 0, 2 and 3. w_j = (σ_{t_j} − σ_{t_{j+1}}) / (σ_{t_j} − σ_{t_j + 1}), written out:
     schedule = [10.0, 6.0, 3.0, 1.0, 0.5, 0.0]
-    weights = compression_weights(schedule, [0, 2, 3])
+    weights = compression_weights(schedule, [0, 2, 3], "sigma")
     assert weights == pytest.approx({0: (10.0 - 3.0) / (10.0 - 6.0),   # covers steps 0, 1: 1.75
                                      2: (3.0 - 1.0) / (3.0 - 1.0),     # covers itself only: 1
                                      3: (1.0 - 0.0) / (1.0 - 0.5)})    # covers steps 3, 4 to σ = 0: 2
     # on an evenly spaced schedule the span is the count
-    assert compression_weights([4.0, 3.0, 2.0, 1.0, 0.0], [0, 2]) == {0: 2.0, 2: 2.0}
+    assert compression_weights([4.0, 3.0, 2.0, 1.0, 0.0], [0, 2], "sigma") == {0: 2.0, 2: 2.0}
     # a repeated sigma (no span of its own) falls back to the count
-    assert compression_weights([4.0, 4.0, 2.0, 0.0], [0, 2]) == {0: 2.0, 2: 1.0}
+    assert compression_weights([4.0, 4.0, 2.0, 0.0], [0, 2], "sigma") == {0: 2.0, 2: 1.0}
+    # the default weighting is the count, on any schedule
+    assert compression_weights(schedule, [0, 2, 3]) == {0: 2.0, 2: 1.0, 3: 2.0}
 
 
 def test_compress_guidance_defaults_are_the_benchs_best():
     policy = CompressGuidance()
-    assert (policy.mode, policy.skew, policy.weighting) == ("compress", 1.0, "sigma")
+    assert (policy.mode, policy.skew, policy.weighting) == ("compress", 1.0, "count")
 
 
 # -- invalid settings ------------------------------------------------------------------------------
@@ -158,13 +160,17 @@ def test_reuse_applies_the_last_guided_steps_guidance_on_skipped_steps():
     assert all(record.guidance_weight == 1.0 for record in run.records)
 
 
-def test_compress_puts_the_skipped_guidance_on_the_guided_step():
-    run, calls = drive(CompressGuidance(compression=3.0, skew=2.0, mode="compress"), steps=10)
+@pytest.mark.parametrize("weighting", ["count", "sigma"])
+def test_compress_puts_the_skipped_guidance_on_the_guided_step(weighting):
+    run, calls = drive(CompressGuidance(compression=3.0, skew=2.0, mode="compress", weighting=weighting), steps=10)
     guided = [0, 1, 4]
     schedule = [float(value) for value in sigmas(10)]
-    weights = compression_weights(schedule, guided)
-    assert weights[0] == 1.0 and weights[1] > 1.0 and weights[4] > 1.0
-    assert weights[1] == pytest.approx((schedule[1] - schedule[4]) / (schedule[1] - schedule[2]))
+    weights = compression_weights(schedule, guided, weighting)
+    if weighting == "count":
+        assert weights == {0: 1.0, 1: 3.0, 4: 6.0}
+    else:
+        assert weights[0] == 1.0 and weights[1] > 1.0 and weights[4] > 1.0
+        assert weights[1] == pytest.approx((schedule[1] - schedule[4]) / (schedule[1] - schedule[2]))
     for (step, c, u, u_hat), record in zip(calls, run.records):
         if step in guided:
             m = weights[step]

@@ -25,16 +25,18 @@ whatever ``k`` (the formula would drop some for ``k > 1``), so rate 1 is exactly
   reused in noise space, where the paper reuses its gradient (engine action REUSE).
 - ``compress`` (the paper's Eq. 14: "compressing the duplicated gradients into one guidance
   step"): skipped steps are not guided (``û = c``); a guided step ``t_j`` gets the guidance of the
-  steps it covers (itself and the skipped steps up to the next guided step ``t_{j+1}``, or ``N``),
-  in proportion to the noise-level span they cover (engine guidance weight)::
+  steps it covers (itself and the skipped steps up to the next guided step ``t_{j+1}``, or ``N``)
+  as an engine guidance weight ``w_j``. The paper's text gives no weighting; two readings:
 
-      w_j = (σ_{t_j} − σ_{t_{j+1}}) / (σ_{t_j} − σ_{t_j + 1})
+  - ``weighting="count"`` (the default): ``w_j = t_{j+1} − t_j``, the number of steps covered;
+  - ``weighting="sigma"``: the noise-level span covered over the guided step's own,
+    ``w_j = (σ_{t_j} − σ_{t_{j+1}}) / (σ_{t_j} − σ_{t_j + 1})``. Why it is plausible: a step from
+    ``σ_i`` to ``σ_{i+1}`` moves the sample by about ``(σ_i − σ_{i+1})/σ_i`` times its guidance,
+    and with the guidance constant in noise space (what ``reuse`` assumes) the covered steps'
+    guidance adds up to ``w_j`` times the guided step's own.
 
-  Why the span: a step from ``σ_i`` to ``σ_{i+1}`` moves the sample by about
-  ``(σ_i − σ_{i+1})/σ_i`` times its guidance, and with the guidance constant in noise space (what
-  ``reuse`` assumes) the covered steps' guidance adds up to ``w_j`` times the guided step's own.
-  The paper's text gives no weighting; ``weighting="count"`` (``w_j = t_{j+1} − t_j``, the number
-  of steps covered) is the simpler reading, kept for the benchmark's comparison.
+  Measured on the bench (rate 5, k = 1, 20 karras steps): count 75.6% adherence, SSIM 0.896 to
+  CFG; span 74.6%, SSIM 0.872. The count is better on that model, so it is the default.
 
 Both modes spend ``N + n`` model evaluations per image instead of ``2N`` (one per midpoint call
 more for two-call samplers). Guided steps count sampling steps: every call of a guided step is
@@ -72,10 +74,10 @@ def guided_step_count(total_steps: int, guided_steps: int = 0, compression: floa
     return max(1, min(total_steps, math.floor(total_steps / compression + 0.5)))  # halves round up
 
 
-COMPRESS_WEIGHTINGS = ("sigma", "count")
+COMPRESS_WEIGHTINGS = ("count", "sigma")
 
 
-def compression_weights(schedule: Sequence[float], guided: list[int], weighting: str = "sigma") -> dict[int, float]:
+def compression_weights(schedule: Sequence[float], guided: list[int], weighting: str = "count") -> dict[int, float]:
     """For ``compress`` mode: guided step → its guidance weight ``w_j`` (module docstring).
 
     ``schedule`` is the sampled sigmas (``N + 1`` values ending in 0). ``sigma``: the noise-level
@@ -111,14 +113,14 @@ class CompressGuidance(GuidancePolicy):
         guided_steps: ``n`` directly; 0 = use ``compression``.
         skew: the exponent ``k``; 1 = evenly spread, larger = fewer guided steps, early.
         mode: ``compress`` (default, the bench's best) or ``reuse`` (module docstring).
-        weighting: ``compress`` mode's weights, ``sigma`` (default) or ``count`` (module docstring).
+        weighting: ``compress`` mode's weights, ``count`` (default) or ``sigma`` (module docstring).
     """
 
     compression: float = 4.0
     guided_steps: int = 0
     skew: float = 1.0
     mode: str = "compress"
-    weighting: str = "sigma"
+    weighting: str = "count"
     name = "compg"
 
     def __post_init__(self) -> None:
