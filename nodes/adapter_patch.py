@@ -282,6 +282,27 @@ def differentiable_attention(func, *args, **kwargs):
     return comfy.ldm.modules.attention.attention_pytorch(*args, **kwargs)
 
 
+@contextlib.contextmanager
+def host_training_mode() -> Iterator[None]:
+    """Tell the host that gradients will flow through its model: ``comfy.model_management.in_training``.
+
+    Hosts from 0.33 pick differentiable implementations only while the flag is set (their own
+    trainer, ``comfy_extras/nodes_train.py``, sets it): Flux's rope otherwise runs a kernel with no
+    autograd formula ("Trying to backward through comfy_kitchen.apply_rope.default"). The previous
+    value is restored on the way out, also on interruption; hosts without the flag (0.3.64) are left
+    untouched.
+    """
+    if not hasattr(comfy.model_management, "in_training"):
+        yield
+        return
+    previous = comfy.model_management.in_training
+    comfy.model_management.in_training = True
+    try:
+        yield
+    finally:
+        comfy.model_management.in_training = previous
+
+
 def saved_activations_copied() -> contextlib.AbstractContextManager:
     """Autograd keeps copies of the activations it saves, so the host's in-place updates cannot corrupt them.
 

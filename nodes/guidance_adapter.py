@@ -25,7 +25,8 @@ from ..fastguidance.errors import FastGuidanceError, InvalidInputError
 from ..fastguidance.guidance import noise_of
 from . import model_folders
 from .adapter_patch import (BOUND_KEY, attach, attach_points, bind_adapters, differentiable_attention, has_adapters,
-                            install_adapters, is_dit, saved_activations_copied, trainable_weights, warn_outside_range)
+                            host_training_mode, install_adapters, is_dit, saved_activations_copied, trainable_weights,
+                            warn_outside_range)
 from .trainers import curve_image, prompt_lines
 from .model_identity import model_architecture, model_fingerprint, require_same_model
 
@@ -398,7 +399,7 @@ def _train(model, spec: AdapterSpec, settings: TrainingSettings, store: Trajecto
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         in_place_safe = saved_activations_copied() if is_dit(spec.attach_points) else contextlib.nullcontext()
-        with trainable_weights(base_model.diffusion_model) as copied, in_place_safe:
+        with trainable_weights(base_model.diffusion_model) as copied, in_place_safe, host_training_mode():
             try:
                 train_on_store(trainer, store, predict, progress=lambda step, total, loss: progress.update(1),
                                checkpoint=checkpoint, checkpoint_every=max(50, settings.steps // 10))
