@@ -44,15 +44,38 @@ class Host:
         """A V3 node class prepared the way the executor does (hidden inputs set)."""
         cls = self.nodes.NODE_CLASS_MAPPINGS[node_id]
         if hasattr(cls, "PREPARE_CLASS_CLONE"):
-            return cls.PREPARE_CLASS_CLONE({"UNIQUE_ID": unique_id} if unique_id else {})
+            return prepared_class(cls, {"UNIQUE_ID": unique_id} if unique_id else {})
         return cls()
 
     def call(self, node_id: str, *args):
         """Run any node (V1 or V3) with positional inputs; returns its outputs (indexable)."""
         cls = self.nodes.NODE_CLASS_MAPPINGS[node_id]
         if hasattr(cls, "PREPARE_CLASS_CLONE"):
-            return cls.PREPARE_CLASS_CLONE({}).execute(*args)
+            return prepared_class(cls).execute(*args)
         return getattr(cls(), cls.FUNCTION)(*args)
+
+
+def node_defaults(host: Host, node_id: str) -> dict:
+    """The default of every widget input of a node, as its schema declares them (what a new node in the
+    page starts with); link inputs (MODEL, CONDITIONING, …) have none and are left out."""
+    inputs = host.nodes.NODE_CLASS_MAPPINGS[node_id].INPUT_TYPES()
+    return {name: spec[1]["default"] for section in ("required", "optional")
+            for name, spec in inputs.get(section, {}).items() if len(spec) > 1 and "default" in spec[1]}
+
+
+def prepared_class(cls, hidden: dict | None = None):
+    """``cls.PREPARE_CLASS_CLONE`` on either supported host: the one place that knows its argument.
+
+    The executor calls it before every V3 node run; its argument is not a public API and changed
+    (COMFYUI.md §7): 0.3.64 takes the hidden inputs themselves (``{"UNIQUE_ID": id}``), 0.33 a
+    ``V3Data`` dict that holds them under ``"hidden_inputs"`` (read by ``HiddenHolder.from_v3_data``).
+    """
+    from comfy_api.latest import _io
+
+    hidden = dict(hidden or {})
+    if hasattr(_io.HiddenHolder, "from_v3_data"):
+        return cls.PREPARE_CLASS_CLONE({"hidden_inputs": hidden})
+    return cls.PREPARE_CLASS_CLONE(hidden)
 
 
 @pytest.fixture(scope="session")
@@ -121,8 +144,8 @@ def conds():
     return make_conds()
 
 
-def latent(batch: int = 1, size: int = 8, seed: int = 2) -> dict:
-    return {"samples": torch.zeros(batch, 4, size, size)}
+def latent(batch: int = 1, size: int = 8, seed: int = 2, channels: int = 4) -> dict:
+    return {"samples": torch.zeros(batch, channels, size, size)}
 
 
 class CallCounter:

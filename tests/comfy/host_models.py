@@ -85,11 +85,55 @@ def seeded_weights(module: torch.nn.Module, seed: int, attn2_std: float, std: fl
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
 
 
-def tiny_model(seed: int = 0):
-    """The tiny SD1.5 ``BaseModel`` with seeded weights."""
+#: the sampling types the tiny UNet can be built with: name → ComfyUI ``ModelType`` member
+SAMPLING_TYPES = {"eps": "EPS", "v_prediction": "V_PREDICTION", "flow": "FLOW"}
+
+
+def tiny_model(seed: int = 0, sampling: str = "eps"):
+    """The tiny SD1.5 ``BaseModel`` with seeded weights.
+
+    ``sampling`` picks what the UNet predicts and the host's matching schedule: ``eps`` (SD1.5's
+    own: discrete, σ_max ≈ 14.6), ``v_prediction`` (same schedule, SD2-768 style) or ``flow``
+    (rectified flow, ``ModelSamplingDiscreteFlow`` with shift 1: σ from 1 to 0, as SD3/Flux).
+    """
+    import comfy.model_base
     import comfy.supported_models
 
-    model = comfy.supported_models.SD15(tiny_unet_config()).get_model({})
+    config = comfy.supported_models.SD15(tiny_unet_config())
+    if sampling == "eps":
+        model = config.get_model({})
+    else:
+        model = comfy.model_base.BaseModel(config, model_type=comfy.model_base.ModelType[SAMPLING_TYPES[sampling]])
+    seeded_weights(model, seed, attn2_std=0.1, std=0.05)
+    return model
+
+
+#: a tiny Flux.1 DiT (two double blocks, one single block, width 64): flow matching, σ from 1 to 0
+FLUX_CONFIG = {"image_model": "flux", "in_channels": 16, "patch_size": 2, "out_channels": 16, "vec_in_dim": 16,
+               "context_in_dim": 64, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 2,
+               "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 10000, "qkv_bias": True,
+               "guidance_embed": False}
+
+
+def flux_config() -> dict:
+    """:data:`FLUX_CONFIG` as this host's ``FluxParams`` takes it: 0.33 added the required
+    ``txt_ids_dims`` (which axes of the text ids carry positions; ``[]`` for Flux.1, what its model
+    detection sets), which 0.3.64's ``FluxParams`` does not accept."""
+    import dataclasses
+
+    import comfy.ldm.flux.model
+
+    config = dict(FLUX_CONFIG)
+    if "txt_ids_dims" in {field.name for field in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}:
+        config["txt_ids_dims"] = []
+    return config
+
+
+def tiny_flux_model(seed: int = 0):
+    """The tiny Flux ``BaseModel`` (:data:`FLUX_CONFIG`) with seeded weights."""
+    import comfy.supported_models
+
+    model = comfy.supported_models.Flux(flux_config()).get_model({})
     seeded_weights(model, seed, attn2_std=0.1, std=0.05)
     return model
 

@@ -8,16 +8,18 @@ import sys
 import pytest
 import torch
 
-from conftest import counted, ksampler, latent, make_conds
+from conftest import counted, ksampler, latent, make_conds, node_defaults, pack_module
+import host_models
 
 STEPS = 10
-
-
+#: the paper's cosine rule (noise directions, no convergence condition): the thresholds of these tests are
+#: measured with it. The node's defaults are another rule, tested on every sampling type at the end.
+PAPER_RULE = {"cosine_space": "noise", "convergence": 1.0}
 
 
 def patch(host, model, threshold=0.991, start_percent=0.0, end_percent=1.0, after_cutoff="cond_only", **optional):
     node = host.node("FastGuidance_AdaptiveGuidance")
-    return node.execute(model, threshold, start_percent, end_percent, after_cutoff, **optional)[0]
+    return node.execute(model, threshold, start_percent, end_percent, after_cutoff, **{**PAPER_RULE, **optional})[0]
 
 
 @pytest.fixture(scope="module")
@@ -263,17 +265,89 @@ def test_denoised_cosine_is_measured_on_the_hosts_predictions(host, tiny_model, 
     assert [record.cosine[0] for record in noise_space.records] != pytest.approx(seen, abs=1e-3)
 
 
-def test_cosine_space_is_optional_and_checked(host, tiny_model, conds, runs):
-    """Old API prompts without cosine_space are posted to a real server in test_server.py."""
+def test_cosine_space_and_convergence_are_optional_and_checked(host, tiny_model, conds, runs):
+    """A prompt saved before these inputs existed runs the rule it was saved with, the paper's (old API prompts
+    are also posted to a real server in test_server.py)."""
     node = host.nodes.NODE_CLASS_MAPPINGS["FastGuidance_AdaptiveGuidance"]
     assert node.validate_inputs(threshold=0.991, start_percent=0.0, end_percent=1.0, after_cutoff="cond_only") is True
     assert "cosine_space" in node.validate_inputs(cosine_space="latent")
+    assert "convergence" in node.validate_inputs(convergence=1.5)
     patched = host.node("FastGuidance_AdaptiveGuidance").execute(tiny_model, 1.0001, 0.0, 1.0, "cond_only")[0]
     ksampler(host, patched, *conds)
-    assert runs[-1].policies[0].cosine_space == "noise"
+    policy = runs[-1].policies[0]
+    assert (policy.cosine_space, policy.convergence) == (PAPER_RULE["cosine_space"], PAPER_RULE["convergence"])
 
 
 def test_two_adaptive_guidance_nodes_with_different_cosine_spaces_are_refused(host, tiny_model):
     first = patch(host, tiny_model, cosine_space="noise")
     with pytest.raises(ValueError, match="same cosine_space on every Adaptive Guidance node"):
         patch(host, first, cosine_space="denoised")
+
+
+# --------------------------------------------------------------------------------------------------
+# The first step, on a tiny model of each sampling type
+
+
+@pytest.fixture(scope="module", params=["eps", "v_prediction", "flow", "flux"])
+def typed_model(request, host):
+    """(sampling type, model, positive, negative, latent channels): the tiny UNet predicting eps (σ_max ≈ 14.6),
+    v (same schedule) or flow (σ from 1), and the tiny Flux DiT (flow, σ from 1); conditionings where the
+    prompt matters (host_models)."""
+    kind = request.param
+    positive, negative = make_conds()
+    if kind == "flux":
+        model, channels = host_models.patcher(host_models.tiny_flux_model(seed=0)), 16
+        pooled = torch.randn(2, 16, generator=torch.Generator().manual_seed(4))
+        positive = [[positive[0][0][:, :16], {"pooled_output": pooled[:1]}]]
+        negative = [[negative[0][0][:, :16], {"pooled_output": pooled[1:]}]]
+    else:
+        model, channels = host_models.patcher(host_models.tiny_model(seed=0, sampling=kind)), 4
+    sampling = model.get_model_object("model_sampling")
+    expected = {"eps": ("EPS", 14.6146), "v_prediction": ("V_PREDICTION", 14.6146), "flow": ("FLOW", 1.0),
+                "flux": ("FLUX", 1.0)}[kind]
+    assert (model.model.model_type.name, round(float(sampling.sigma_max), 4)) == expected
+    return kind, model, positive, negative, channels
+
+
+def sample_typed(host, typed_model, patched):
+    _, _, positive, negative, channels = typed_model
+    return ksampler(host, patched, positive, negative, steps=STEPS, batch=2, latent_image=latent(2, channels=channels))
+
+
+def test_the_defaults_never_cut_guidance_at_the_first_step(host, typed_model, runs):
+    """At the node's defaults the first call and the next are guided for every sample, and no advice says otherwise."""
+    defaults = node_defaults(host, "FastGuidance_AdaptiveGuidance")
+    sample_typed(host, typed_model, host.node("FastGuidance_AdaptiveGuidance").execute(typed_model[1], **defaults)[0])
+    run = runs[-1]
+    policy = run.policies[0]
+    assert {name: getattr(policy, name) for name in defaults} == defaults
+    assert run.batch_size == 2 and len(run.records) == STEPS
+    assert [[action.name for action in record.actions] for record in run.records[:2]] == [["FULL", "FULL"]] * 2, \
+        [record.cosine for record in run.records[:3]]
+    assert not [message for message in run.advice() if "first step" in message]
+
+
+#: whether the paper's rule cuts at the first step on each tiny model. Measured: at σ_max the noise directions
+#: x − prediction of the v-prediction UNet and of the Flux DiT are nearly parallel (cosine 0.999999 and 0.9998,
+#: above 0.991), those of the eps and flow UNets are not (about 0.68: with random weights their outputs are far
+#: from the noise a trained model predicts).
+PAPER_RULE_CUTS_AT_THE_FIRST_STEP = {"eps": False, "v_prediction": True, "flow": False, "flux": True}
+
+
+def test_the_papers_rule_says_in_the_log_when_it_cut_at_the_first_step(host, typed_model, runs, caplog):
+    kind = typed_model[0]
+    paper = pack_module(host, "fastguidance.policies.adaptive").PAPER_SETTINGS
+    assert paper == {"threshold": 0.991, **PAPER_RULE}
+    with caplog.at_level(logging.WARNING, logger="fastguidance"):
+        sample_typed(host, typed_model, patch(host, typed_model[1], **paper))
+    run = runs[-1]
+    assert [action.name for action in run.records[0].actions] == ["FULL", "FULL"]  # nothing measured before it
+    cut = [sample for sample, action in enumerate(run.records[1].actions) if action.name != "FULL"]
+    first_cosines = run.records[0].cosine
+    assert bool(cut) == PAPER_RULE_CUTS_AT_THE_FIRST_STEP[kind], first_cosines
+    logged = [record.getMessage() for record in caplog.records if "cut guidance at the first step" in record.getMessage()]
+    if cut:
+        assert all(first_cosines[sample] >= paper["threshold"] for sample in cut)
+        assert len(logged) == 1 and f"for {len(cut)} of 2 image(s)" in logged[0], logged
+    else:
+        assert not logged, logged

@@ -7,15 +7,22 @@ import sys
 import pytest
 import torch
 
-from conftest import counted, ksampler, latent
-from fastguidance.policies.compress import compression_weights, guided_step_indices
+from conftest import counted, ksampler, latent, node_defaults
+from fastguidance.policies.compress import compression_weights, guided_step_count, guided_step_indices
 
 STEPS = 12
-#: compression 4 over 12 steps: 3 guided steps, skew 2 puts them at floor(12·(j/3)²)
+#: compression 4 over 12 steps: 3 guided steps, skew 2 puts them at the distinct values of floor(12·(j/3)²)
 GUIDED = [0, 1, 5]
 MODES = ("reuse", "compress")
+#: the paper's AG rule (noise cosine, no convergence condition), in which the AG thresholds here are measured
+AG_PAPER_RULE = {"cosine_space": "noise", "convergence": 1.0}
 
 
+def schedule(model, steps=STEPS, scheduler="normal") -> list[float]:
+    """The sigmas KSampler samples (steps + 1 values ending in 0), computed by the host."""
+    import comfy.samplers
+
+    return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).tolist()
 
 
 def patch(host, model, compression=4.0, guided_steps=0, skew=2.0, mode="reuse"):
@@ -63,8 +70,54 @@ def test_ksampler_forward_passes_follow_the_schedule(host, tiny_model, conds, ru
     assert (summary.calls, summary.evaluations, summary.uncond_skipped) == (STEPS, STEPS + 3, STEPS - 3)
     skipped = "REUSE" if mode == "reuse" else "COND_ONLY"
     assert [r.actions[0].name for r in run.records] == ["FULL" if s in GUIDED else skipped for s in range(STEPS)]
-    weights = compression_weights(STEPS, GUIDED) if mode == "compress" else {}
-    assert [r.guidance_weight for r in run.records] == [float(weights.get(s, 1)) for s in range(STEPS)]
+    # compress (the node weighs by count): each guided step carries the guidance of the steps it covers, itself
+    # and the skipped ones up to the next guided step or the end
+    weights = {0: 1.0, 1: 4.0, 5: 7.0} if mode == "compress" else {}
+    assert run.policies[0].weighting == "count"
+    if mode == "compress":
+        assert compression_weights(schedule(tiny_model), GUIDED, "count") == weights
+    assert [r.guidance_weight for r in run.records] == [weights.get(s, 1.0) for s in range(STEPS)]
+
+
+@pytest.mark.parametrize("denoise", [1.0, 0.5])
+def test_weights_by_noise_level_span_use_the_sampled_sigmas(host, tiny_model, conds, runs, denoise):
+    """The core's span weighting (not on the node) gets the sigmas KSampler samples, also the segment of denoise < 1."""
+    positive, negative = conds
+    compress = sys.modules[host.pack.__name__ + ".fastguidance.policies.compress"]
+    engine_patch = sys.modules[host.pack.__name__ + ".nodes.engine_patch"]
+    policy = compress.CompressGuidance(compression=4.0, skew=2.0, mode="compress", weighting="sigma")
+    ksampler(host, engine_patch.install_policy(tiny_model, policy, None), positive, negative, steps=STEPS,
+             denoise=denoise)
+    run = runs[-1]
+    # KSampler with denoise d samples the last STEPS + 1 sigmas of a schedule of STEPS / d steps
+    sigmas = schedule(tiny_model, int(STEPS / denoise))[-(STEPS + 1):]
+    assert run.total_steps == STEPS and list(run.schedule) == pytest.approx(sigmas, rel=1e-6)
+    weights = compression_weights(sigmas, GUIDED, "sigma")
+    assert weights[0] == pytest.approx(1.0)  # step 0 covers only itself (step 1 is guided)
+    assert weights[1] == pytest.approx((sigmas[1] - sigmas[5]) / (sigmas[1] - sigmas[2]))
+    assert weights[5] == pytest.approx(sigmas[5] / (sigmas[5] - sigmas[6]))  # to the end of the schedule
+    assert weights != pytest.approx({0: 1.0, 1: 4.0, 5: 7.0}, rel=1e-3)  # not the count of covered steps
+    assert [r.guidance_weight for r in run.records] == pytest.approx([weights.get(s, 1.0) for s in range(STEPS)],
+                                                                     rel=1e-5)
+
+
+def test_the_node_defaults_guide_evenly_and_compress(host, tiny_model, conds, runs):
+    """The schema defaults (compression 4, skew 1, mode compress): an evenly spread schedule, weights by count."""
+    positive, negative = conds
+    defaults = node_defaults(host, "FastGuidance_CompressGuidance")
+    model, counter = counted(tiny_model)
+    ksampler(host, host.node("FastGuidance_CompressGuidance").execute(model, **defaults)[0], positive, negative,
+             steps=STEPS)
+    run = runs[-1]
+    assert run.policies[0].describe() == {"method": "compg", "weighting": "count", **defaults}
+    guided = guided_step_indices(STEPS, guided_step_count(STEPS, defaults["guided_steps"], defaults["compression"]),
+                                 defaults["skew"])
+    assert guided == [0, 4, 8]
+    assert [1 in call for call in counter.calls] == [step in guided for step in range(STEPS)]
+    assert run.summary().evaluations == STEPS + len(guided)
+    weights = {0: 4.0, 4: 4.0, 8: 4.0}  # each guided step covers itself and the three skipped after it
+    assert compression_weights(schedule(tiny_model), guided, run.policies[0].weighting) == weights
+    assert [r.guidance_weight for r in run.records] == [weights.get(s, 1.0) for s in range(STEPS)]
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -172,7 +225,7 @@ def guided_cosines(host, tiny_model):
 
         positive, negative = make_conds()
         model = host.node("FastGuidance_AdaptiveGuidance").execute(
-            patch(host, tiny_model, compression=2.0), 1.0001, 0.0, 1.0, "cond_only")[0]
+            patch(host, tiny_model, compression=2.0), 1.0001, 0.0, 1.0, "cond_only", **AG_PAPER_RULE)[0]
         ksampler(host, model, positive, negative, steps=STEPS)
     finally:
         engine_patch._report = original
@@ -183,15 +236,17 @@ def guided_cosines(host, tiny_model):
 
 @pytest.mark.parametrize("order", ["compg_then_ag", "ag_then_compg"])
 def test_two_patches_one_engine_ag_cutoff_overrides_reuse(host, tiny_model, conds, runs, guided_cosines, order):
-    guided = guided_step_indices(STEPS, 6, 2.0)
-    assert guided == [0, 1, 2, 3, 5, 8] and sorted(guided_cosines) == guided
+    guided = guided_step_indices(STEPS, 6, 2.0)  # floor(12·(j/6)²) for j = 0…5: 0 and 0 coincide
+    assert guided == [0, 1, 3, 5, 8] and sorted(guided_cosines) == guided
     threshold = guided_cosines[3]
     latch = next(step for step in guided if guided_cosines[step] >= threshold)  # 3 unless cosines fall
+    assert "REUSE" in ["FULL" if s in guided else "REUSE" for s in range(latch + 1)]  # step 2 reuses before the cut
     positive, negative = conds
     model, counter = counted(tiny_model)
 
     def with_ag(m):
-        return host.node("FastGuidance_AdaptiveGuidance").execute(m, threshold, 0.0, 1.0, "cond_only")[0]
+        return host.node("FastGuidance_AdaptiveGuidance").execute(m, threshold, 0.0, 1.0, "cond_only",
+                                                                  **AG_PAPER_RULE)[0]
 
     if order == "compg_then_ag":
         both = with_ag(patch(host, model, compression=2.0))

@@ -40,8 +40,51 @@ def loaded_model(host):
 
 
 @pytest.fixture()
-def trained(host, tiny_model, adapter_folder):
+def training_steps(host, monkeypatch):
+    """What each optimiser step of the adapter trainer left behind: the adapters' gradients and the host's
+    training flag (``comfy.model_management.in_training``; None where the host has none, as 0.3.64)."""
+    import comfy.model_management
+
+    trainer_core = pack_module(host, "fastguidance.adapter_training")
+    original_step = trainer_core.DistillationTrainer.train_step
+    steps = []
+
+    def observed_step(self, loss_of):
+        loss = original_step(self, loss_of)
+        steps.append({"gradients": {name: None if p.grad is None else p.grad.detach().clone()
+                                    for name, p in self.adapters.named_parameters()},
+                      "in_training": getattr(comfy.model_management, "in_training", None)})
+        return loss
+
+    monkeypatch.setattr(trainer_core.DistillationTrainer, "train_step", observed_step)
+    return steps
+
+
+def host_training_flag():
+    import comfy.model_management
+
+    return getattr(comfy.model_management, "in_training", None)
+
+
+def assert_adapters_trained(steps: list[dict], flag_before) -> None:
+    """Every adapter parameter got a finite gradient on every step, and a non-zero one on some step; the host's
+    training flag was on during the steps where the host has one, and is back to its value from before."""
+    assert steps, "the trainer made no optimiser step"
+    names = list(steps[0]["gradients"])
+    missing = sorted({name for step in steps for name, grad in step["gradients"].items() if grad is None})
+    assert not missing, f"adapter parameters without gradients: {missing}"
+    assert all(torch.isfinite(grad).all() for step in steps for grad in step["gradients"].values())
+    never = [name for name in names if not any(step["gradients"][name].abs().sum() > 0 for step in steps)]
+    assert not never, f"adapter parameters whose gradient was always zero: {never}"
+    assert [step["in_training"] for step in steps] == [None if flag_before is None else True] * len(steps)
+    assert host_training_flag() == flag_before
+
+
+@pytest.fixture()
+def trained(host, tiny_model, adapter_folder, training_steps):
+    flag_before = host_training_flag()
     curve, report = train(host, tiny_model)
+    assert_adapters_trained(training_steps, flag_before)
     return adapter_folder / "tiny.safetensors", curve, report
 
 
@@ -58,7 +101,14 @@ def test_an_unsupported_architecture_is_refused_by_name(host, tiny_model):
         pack_module(host, "nodes.adapter_patch").attach_points(model)
 
 
-def test_training_writes_a_file_with_its_metadata_and_a_loss_curve(host, tiny_model, trained):
+@pytest.fixture()
+def base_flags(tiny_model):
+    """``requires_grad`` of each base-model parameter before the test trains (the host decides: 0.33 creates
+    parameters without it)."""
+    return {name: p.requires_grad for name, p in tiny_model.model.diffusion_model.named_parameters()}
+
+
+def test_training_writes_a_file_with_its_metadata_and_a_loss_curve(host, tiny_model, base_flags, trained):
     path, curve, report = trained
     assert curve.ndim == 4 and curve.shape[0] == 1 and curve.shape[-1] == 3
     assert "tiny.safetensors" in report and "attach points" in report and "final loss" in report
@@ -70,8 +120,10 @@ def test_training_writes_a_file_with_its_metadata_and_a_loss_curve(host, tiny_mo
     assert set(adapters.spec.attach_points) == {"input.1.0", "input.3.0", "middle.0.0", "output.0.0", "output.1.0",
                                                 "output.2.0", "output.3.0"}
     assert not (path.parent / "tiny.checkpoint").exists()
-    # the base model collected no gradients and keeps its flags
-    assert all(p.grad is None and p.requires_grad for p in tiny_model.model.diffusion_model.parameters())
+    # the base model collected no gradients and keeps its flags (requires_grad is True on 0.3.64, False on 0.33)
+    assert all(p.grad is None for p in tiny_model.model.diffusion_model.parameters())
+    assert {name: p.requires_grad for name, p in tiny_model.model.diffusion_model.named_parameters()} == \
+        base_flags
     with pytest.raises(Exception, match="filename.*already exists"):
         train(host, tiny_model)
 
@@ -109,8 +161,10 @@ def test_an_interrupted_training_keeps_a_checkpoint_and_resumes_from_it(host, ti
         return original_step(self, loss_of)
 
     monkeypatch.setattr(trainer_core.DistillationTrainer, "train_step", interrupt_at_step_4)
+    flag_before = host_training_flag()
     with pytest.raises(comfy.model_management.InterruptProcessingException):
         train(host, tiny_model)
+    assert host_training_flag() == flag_before  # restored also when training stops half-way
     checkpoint = adapter_folder / "tiny.checkpoint"
     assert checkpoint.exists() and not (adapter_folder / "tiny.safetensors").exists()
     with pytest.raises(Exception, match="resume.*interrupted training"):
@@ -200,12 +254,6 @@ def test_adapters_of_another_model_or_architecture_are_refused(host, tiny_model,
         load(host, tiny_model, "fewer.safetensors")
 
 
-FLUX_CONFIG = {"image_model": "flux", "in_channels": 16, "patch_size": 2, "out_channels": 16, "vec_in_dim": 16,
-               "context_in_dim": 64, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 2,
-               "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 10000, "qkv_bias": True,
-               "guidance_embed": False}
-
-
 class FluxClip(FakeClip):
     """Tokens of width 64 and a pooled vector of width 16 (Flux's ``y``)."""
 
@@ -217,19 +265,19 @@ class FluxClip(FakeClip):
 
 @pytest.fixture(scope="module")
 def flux_model(host):
-    import comfy.supported_models
-
-    model = comfy.supported_models.Flux(dict(FLUX_CONFIG)).get_model({})
-    host_models.seeded_weights(model, 0, attn2_std=0.1, std=0.05)
-    return host_models.patcher(model)
+    return host_models.patcher(host_models.tiny_flux_model(seed=0))
 
 
-def test_a_flux_dit_trains_and_runs_with_adapters_after_its_double_blocks(host, flux_model, adapter_folder):
+def test_a_flux_dit_trains_and_runs_with_adapters_after_its_double_blocks(host, flux_model, adapter_folder,
+                                                                          training_steps):
+    """On 0.33 gradients flow through Flux's rope only while the host's training flag is on (COMFYUI.md §7)."""
     import comfy.sample
 
     points = pack_module(host, "nodes.adapter_patch").attach_points(flux_model)
     assert points == {"double_block.0": 64, "double_block.1": 64}
+    flag_before = host_training_flag()
     train(host, flux_model, FluxClip(), kind="offset", scheduler="simple")
+    assert_adapters_trained(training_steps, flag_before)
     adapters, metadata = pack_module(host, "fastguidance.adapters").load_adapters(adapter_folder / "tiny.safetensors")
     assert metadata["architecture"] == "Flux" and adapters.spec.pooled_dim == 16 and adapters.spec.kind == "offset"
     clip = FluxClip()

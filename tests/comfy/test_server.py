@@ -73,6 +73,8 @@ def pack_node_ids() -> set[str]:
 
 
 SETTINGS = {"threshold": 0.95, "start_percent": 0.0, "end_percent": 1.0, "after_cutoff": "cond_only"}
+#: the paper's cosine rule: what a prompt without cosine_space and convergence (saved before they existed) runs
+PAPER_RULE = {"cosine_space": "noise", "convergence": 1.0}
 
 
 def base_prompt() -> dict:
@@ -170,7 +172,9 @@ def test_object_info_lists_nodes_with_categories_descriptions_tooltips(server, o
 
 
 def test_workflow_with_both_nodes_runs(server):
-    prompt = {**base_prompt(), **patch_branch(), **guider_branch()}
+    # the patch names the paper's rule; the guider's prompt predates cosine_space and convergence (an old API
+    # prompt), so it must run the same rule
+    prompt = {**base_prompt(), **patch_branch({**SETTINGS, **PAPER_RULE}), **guider_branch(SETTINGS)}
     log_before = len(server.log())
     with server.explain():
         _, entry = server.run_prompt(prompt)
@@ -192,7 +196,7 @@ def test_workflow_with_both_nodes_runs(server):
         new_log = server.log()[log_before:]
         summaries = re.findall(r"FastGuidance \[ag\]: (\d+)/(\d+) uncond evaluations skipped.*", new_log)
         assert len(summaries) == 2, f"expected one run summary per sampler, found {summaries}"
-        # With threshold 0.95 the cosine crosses it half-way: some, not all, unconds are skipped.
+        # With threshold 0.95 the noise cosine crosses it half-way: some, not all, unconds are skipped.
         for skipped, calls in summaries:
             assert int(calls) == 8 and 0 < int(skipped) < 8, summaries
 
@@ -322,11 +326,21 @@ def test_example_workflows_match_the_host(server, object_info):
                     check_widget_value(f"{where}.{name}", kind, options, value)
                 for slot in node.get("inputs", []):
                     assert socket_type(info, slot["name"]) == slot["type"], f"{where}: input {slot}"
+                host_outputs = list(zip(info["output_name"], info["output"]))
                 outputs = [(o["name"], o["type"]) for o in node.get("outputs", [])]
-                assert outputs == list(zip(info["output_name"], info["output"])), f"{where}: outputs {outputs}"
+                if node["type"].startswith("FastGuidance_"):  # ours: the saved list is the node's list
+                    assert outputs == host_outputs, f"{where}: outputs {outputs}"
+                # host nodes gain outputs between versions (SaveImage/PreviewImage in 0.33, COMFYUI.md §7):
+                # the outputs that links use must be the host's, at the same slot
+                for slot, output in enumerate(node.get("outputs", [])):
+                    if output.get("links"):
+                        assert slot < len(host_outputs) and (output["name"], output["type"]) == host_outputs[slot], \
+                            f"{where}: linked output {slot} {output} is not the host's {host_outputs[slot:slot + 1]}"
             for link_id, source, source_slot, target, target_slot, kind in workflow["links"]:
                 source_info = object_info[nodes[source]["type"]]
                 target_node = nodes[target]
+                assert link_id in (nodes[source]["outputs"][source_slot].get("links") or []), \
+                    f"{path.name} link {link_id}: not listed on its source's output {source_slot}"
                 assert source_info["output"][source_slot] == kind, f"{path.name} link {link_id}: source type"
                 input_name = target_node["inputs"][target_slot]["name"]
                 assert socket_type(object_info[target_node["type"]], input_name) in (kind, "*"), \
