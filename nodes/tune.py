@@ -245,8 +245,10 @@ class TuneNode(io.ComfyNode):
                 io.Conditioning.Input("negative", tooltip="Negative (or empty) prompt conditioning, as you generate."),
                 io.Latent.Input("latent", tooltip="Size and batch of every trial: each image of the batch is compared "
                                                   "with its plain-CFG image, and the worst one decides."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
-                             tooltip="Noise seed of every trial (the same for all, as in a KSampler)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Noise seed of every trial (the same for all, as in a KSampler). Keep the "
+                                     "control on fixed: another seed tunes again (turn on overwrite to replace "
+                                     "the preset)."),
                 io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler",
                                tooltip="The sampler you generate with: the setting found is for it."),
                 io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="normal",
