@@ -26,7 +26,7 @@ import comfy.model_patcher
 import comfy.patcher_extension
 import torch
 
-from ..fastguidance.adapters import GuidanceAdapters, prompt_vector
+from ..fastguidance.adapters import GuidanceAdapters, adapter_row_scale, prompt_vector
 from ..fastguidance.errors import InvalidInputError
 from ..fastguidance.policies import AdapterGuidance
 from .engine_patch import install_policy
@@ -203,14 +203,19 @@ def conditional_rows(cond_or_uncond: list[int] | None, batch: int, strength: flo
 
 
 def bind_adapters(adapters: GuidanceAdapters, omega: float | torch.Tensor, sigma: torch.Tensor, c_crossattn: torch.Tensor,
-                  kwargs: dict, row_scale: torch.Tensor | None):
-    """The adapters of one model call: ω, σ, prompt tokens and the pooled vector (``y``) where the model has one."""
+                  kwargs: dict, row_scale: torch.Tensor | float | None):
+    """The adapters of one model call: ω, σ, prompt tokens and the pooled vector (``y``) where the model has one.
+
+    Nothing crosses between host and device here when the inputs are on the adapters' device (the
+    host's case): ω is filled on the device, ``row_scale`` is a number or a tensor already there
+    (:func:`~fastguidance.adapters.adapter_row_scale`); the ``to(device)`` calls are no-ops then.
+    """
     device = next(adapters.parameters()).device
     omega_rows = omega.to(device).float() if torch.is_tensor(omega) else torch.full((sigma.shape[0],), float(omega), device=device)
     tokens = c_crossattn.to(device)
     pooled = kwargs.get("y")
     return adapters.bind(omega_rows, sigma.to(device), tokens, prompt_vector(tokens, None if pooled is None else pooled.to(device)),
-                         row_scale=None if row_scale is None else row_scale.to(device))
+                         row_scale=row_scale.to(device) if torch.is_tensor(row_scale) else row_scale)
 
 
 def adapter_apply_model(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
@@ -220,8 +225,8 @@ def adapter_apply_model(executor, x, t, c_concat=None, c_crossattn=None, control
     if settings is None or omega is None or settings.strength == 0.0 or BOUND_KEY in transformer_options \
             or c_crossattn is None:
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-    row_scale = conditional_rows(transformer_options.get("cond_or_uncond"), x.shape[0], settings.strength)
-    if not any(row_scale):  # an uncond-only call: the plain model
+    cond_or_uncond = transformer_options.get("cond_or_uncond")
+    if not any(conditional_rows(cond_or_uncond, x.shape[0], settings.strength)):  # uncond only: the plain model
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
     adapters: GuidanceAdapters = settings.weights.model
     if next(adapters.parameters()).device != x.device:
@@ -229,7 +234,7 @@ def adapter_apply_model(executor, x, t, c_concat=None, c_crossattn=None, control
         # module behind: follow the data rather than fail on a device mismatch
         adapters.to(x.device)
     bound = bind_adapters(adapters, omega, t, c_crossattn, kwargs,
-                          None if all(scale == 1.0 for scale in row_scale) else torch.tensor(row_scale))
+                          adapter_row_scale(cond_or_uncond, x.shape[0], settings.strength, x.device))
     return executor(x, t, c_concat, c_crossattn, control, {**transformer_options, BOUND_KEY: bound}, **kwargs)
 
 
