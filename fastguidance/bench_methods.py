@@ -112,7 +112,7 @@ def baseline_variants() -> list[BenchVariant]:
 
 
 def adaptive_guidance_variants() -> list[BenchVariant]:
-    """The node's defaults (denoised cosine 0.9995, convergence 0.5); the paper's rule (noise cosine
+    """The node's defaults (denoised cosine 0.9998, convergence 0.5); the paper's rule (noise cosine
     0.991, no convergence condition: it cuts at the first step on this model) and the same with the
     convergence condition; the reuse extension; the denoised cosine at other thresholds."""
     def ag(**settings):
@@ -127,7 +127,7 @@ def adaptive_guidance_variants() -> list[BenchVariant]:
                      ag(threshold=0.991, cosine_space="noise", convergence=0.5)),
         BenchVariant("ag", {"threshold": 0.98, "cosine_space": "noise", "after_cutoff": "reuse", "convergence": 1.0},
                      ag(threshold=0.98, cosine_space="noise", after_cutoff="reuse", convergence=1.0)),
-    ] + [BenchVariant("ag", {"threshold": threshold}, ag(threshold=threshold)) for threshold in (0.991, 0.998, 0.9998)]
+    ] + [BenchVariant("ag", {"threshold": threshold}, ag(threshold=threshold)) for threshold in (0.991, 0.998, 0.9995)]
 
 
 def compress_guidance_variants() -> list[BenchVariant]:

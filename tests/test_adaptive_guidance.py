@@ -176,7 +176,7 @@ def test_summary_line_reads_like_the_log():
 
 def test_defaults_measure_the_denoised_cosine_with_the_convergence_condition():
     policy = AdaptiveGuidance()
-    assert (policy.threshold, policy.cosine_space, policy.convergence) == (0.9995, "denoised", 0.5)
+    assert (policy.threshold, policy.cosine_space, policy.convergence) == (0.9998, "denoised", 0.5)
     assert policy.describe()["convergence"] == 0.5
     with pytest.raises(InvalidInputError, match="convergence.*1.0 turns the condition off"):
         AdaptiveGuidance(convergence=1.5)
@@ -226,7 +226,7 @@ def test_advice_says_when_guidance_was_cut_at_the_first_step_with_the_fix():
     run = drive_cosines(paper_ag(threshold=0.991), [0.9999, 0.9998, 0.9997])
     advice = run.advice()
     assert len(advice) == 1 and "cut guidance at the first step for 1 of 1 image(s)" in advice[0]
-    assert "unguided" in advice[0] and "cosine_space denoised, threshold 0.9995" in advice[0]
+    assert "unguided" in advice[0] and "cosine_space denoised, threshold 0.9998" in advice[0]
     assert run.to_dict()["advice"] == advice
 
 
