@@ -50,10 +50,11 @@ class TuneMethod:
     candidates: tuple[float, ...]
     make_policy: Callable[[float], GuidancePolicy]
     fixed: dict[str, Any] = field(default_factory=dict)  # the method's other settings (for the preset)
+    integer: bool = False  # the setting is a count (shown and stored as a whole number)
 
     def settings(self, value: float) -> dict[str, Any]:
         """All settings of the policy at ``value`` (what a preset stores)."""
-        return {**self.fixed, self.setting: value}
+        return {**self.fixed, self.setting: int(value) if self.integer else value}
 
 
 def adaptive_guidance_method(points: int = 36) -> TuneMethod:
@@ -71,7 +72,7 @@ def compress_guidance_method(steps: int) -> TuneMethod:
         raise InvalidInputError("steps", steps, "use at least 2 steps: with one step there is nothing to skip")
     fixed = {"skew": CompressGuidance.skew, "mode": CompressGuidance.mode}
     return TuneMethod("compg", "guided_steps", tuple(float(n) for n in range(steps - 1, 0, -1)),
-                      lambda value: CompressGuidance(guided_steps=int(value), **fixed), fixed)
+                      lambda value: CompressGuidance(guided_steps=int(value), **fixed), fixed, integer=True)
 
 
 def linear_ag_method(coefficients: Any, points: int = 24) -> TuneMethod:
@@ -137,7 +138,8 @@ class TuneResult:
             if trial is None:
                 lines.append(f"  {method}: no {setting} met the target (keep plain CFG)")
             else:
-                lines.append(f"  {method}: {setting} {trial.value:g}: {trial.evaluations:g} evaluations "
+                lines.append(f"  {method}: {setting} {self.methods[method].settings(trial.value)[setting]:g}: "
+                             f"{trial.evaluations:g} evaluations "
                              f"({self.cfg_evaluations / trial.evaluations:.2f}x fewer), worst SSIM {trial.worst:.4f}")
         winner = self.winner
         lines.append("  chosen: " + ("plain CFG (no method met the target)" if winner is None else

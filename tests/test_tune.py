@@ -147,7 +147,8 @@ def test_tuning_compress_guidance_on_a_real_sampling_run_meets_its_target():
 
 def small_result():
     compg = TuneMethod("compg", "guided_steps", (9.0, 5.0, 2.0),
-                       lambda value: CompressGuidance(guided_steps=int(value)), {"skew": 1.0, "mode": "compress"})
+                       lambda value: CompressGuidance(guided_steps=int(value)), {"skew": 1.0, "mode": "compress"},
+                       integer=True)
     return tune(synthetic_sampler(lambda v, i: 1.0 if v != 2.0 else 0.5, lambda v: 10.0 + v),
                 [compg], target=0.95, compare=compare_identity)
 
@@ -160,7 +161,8 @@ def test_a_preset_round_trips_and_applies_its_policy(tmp_path):
     path = save_preset(tmp_path / "p.safetensors", result, MADE_FOR)
     metadata = load_preset(path)
     assert metadata["format"] == PRESET_FORMAT and metadata["method"] == "compg"
-    assert metadata["settings"] == {"skew": 1.0, "mode": "compress", "guided_steps": 5.0}
+    assert metadata["settings"] == {"skew": 1.0, "mode": "compress", "guided_steps": 5}
+    assert "compg: guided_steps 5: 15 evaluations" in result.text()
     assert metadata["evaluations"] == 15.0 and metadata["target"] == 0.95 and metadata["steps"] == 10
     policy = policy_from_settings(metadata["method"], metadata["settings"])
     assert isinstance(policy, CompressGuidance) and policy.guided_steps == 5

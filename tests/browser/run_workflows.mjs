@@ -73,7 +73,8 @@ async function shrinkForCpu() {
       if (widget) widget.value = value;
     };
     for (const node of window.app.graph.nodes) {
-      if (["KSampler", "KSamplerAdvanced", "BasicScheduler", "FastGuidance_LinearAGCalibrate"].includes(node.type)) {
+      if (["KSampler", "KSamplerAdvanced", "BasicScheduler", "FastGuidance_LinearAGCalibrate",
+        "FastGuidance_Tune"].includes(node.type)) {
         set(node, "steps", 3);
       }
       if (node.type === "EmptyLatentImage") {
