@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .engine import GuidancePolicy
-from .errors import InvalidInputError
+from .errors import InvalidInputError, require_number
 from .metrics import ssim
 from .policies import AdaptiveGuidance, CompressGuidance
 
@@ -163,9 +163,8 @@ class TuneResult:
 
 
 def validate_target(target: float) -> None:
-    if isinstance(target, bool) or not isinstance(target, (int, float)) or not MIN_TARGET <= target <= MAX_TARGET:
-        raise InvalidInputError("target", target, f"use an SSIM between {MIN_TARGET} and {MAX_TARGET} (0.95: close to "
-                                                  "plain CFG; 0.98: nearly identical)")
+    require_number("target", target, MIN_TARGET, MAX_TARGET, f"use an SSIM between {MIN_TARGET} and {MAX_TARGET} "
+                                                             "(0.95: close to plain CFG; 0.98: nearly identical)")
 
 
 def latents_as_images(latents: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,7 +24,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..fastguidance.engine import GuidanceRun
-from ..fastguidance.errors import FastGuidanceError, InvalidInputError
+from ..fastguidance.errors import FastGuidanceError, InvalidInputError, require_number
 from ..fastguidance.policies.linear_ag import LinearAG, LinearAGCoefficients, ScheduleMismatchError
 from ..fastguidance.report import tradeoff_chart
 from ..fastguidance.tune import (DEFAULT_TARGET, MAX_TARGET, MIN_TARGET, TuneResult, adaptive_guidance_method,
@@ -92,22 +92,16 @@ class _ScheduleCheck:
         return executor(*args, **kwargs)
 
 
-def _check_number(name: str, value: Any, low: float, high: float, fix: str, integer: bool = False) -> None:
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
-        raise InvalidInputError(name, value, fix)
-
-
 def _validate(target=None, steps=None, cfg=None, filename=None, tune_ag=None, tune_compg=None,
               linear_ag_calibration=None) -> None:
     """The Tune node's inputs (those known before the run): raises :class:`InvalidInputError`."""
     if target is not None:
         validate_target(target)
     if steps is not None:
-        _check_number("steps", steps, MIN_STEPS, MAX_STEPS, f"use a whole number of steps from {MIN_STEPS} to "
+        require_number("steps", steps, MIN_STEPS, MAX_STEPS, f"use a whole number of steps from {MIN_STEPS} to "
                                                            f"{MAX_STEPS}, the one you generate with", integer=True)
     if cfg is not None:
-        _check_number("cfg", cfg, 0.0, MAX_CFG, f"use the CFG scale you generate with, 0 to {MAX_CFG:g}")
+        require_number("cfg", cfg, 0.0, MAX_CFG, f"use the CFG scale you generate with, 0 to {MAX_CFG:g}")
         if cfg == 1.0:
             raise InvalidInputError("cfg", cfg, "at cfg 1 the negative prompt is never evaluated, so there is nothing "
                                                 "to make cheaper: use the CFG scale you generate with (e.g. 7)")

@@ -234,3 +234,10 @@ def test_no_advice_for_a_run_that_cut_later_or_asked_for_plain_cfg():
     rising = [0.96, 0.98, 0.995, 0.9996, 0.99995, 0.99999]
     assert drive_cosines(AdaptiveGuidance(), rising).advice() == []
     assert drive_cosines(AdaptiveGuidance(threshold=1.0001), rising).advice() == []
+
+
+@pytest.mark.parametrize("name", ["threshold", "start_percent", "end_percent", "convergence"])
+def test_text_in_a_number_input_is_refused_naming_the_input(name):
+    # ComfyUI passes the raw value to validate_inputs for the inputs it names: no TypeError may escape
+    with pytest.raises(InvalidInputError, match=name):
+        AdaptiveGuidance(**{name: "abc"})

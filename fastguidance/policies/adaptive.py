@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..engine import Action, CallRecord, GuidancePolicy, GuidanceRun, StepContext
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, require_number
 from ..guidance import COSINE_SPACES
 
 AFTER_CUTOFF_MODES = ("cond_only", "reuse")
@@ -157,13 +157,11 @@ class AdaptiveGuidance(GuidancePolicy):
 def validate_adaptive_guidance(threshold: float, start_percent: float, end_percent: float, after_cutoff: str,
                                cosine_space: str = "denoised", convergence: float = 0.5) -> None:
     """Raise :class:`InvalidInputError` naming the first bad setting and how to fix it."""
-    if not 0.0 <= threshold <= MAX_THRESHOLD:
-        raise InvalidInputError("threshold", threshold,
-                                f"use a cosine between 0 and {MAX_THRESHOLD} (default 0.9998 on the denoised "
-                                "cosine; 0.991 is the paper's value on the noise cosine; above 1 never cuts guidance)")
+    require_number("threshold", threshold, 0.0, MAX_THRESHOLD,
+                   f"use a cosine between 0 and {MAX_THRESHOLD} (default 0.9998 on the denoised cosine; 0.991 is "
+                   "the paper's value on the noise cosine; above 1 never cuts guidance)")
     for name, value in (("start_percent", start_percent), ("end_percent", end_percent)):
-        if not 0.0 <= value <= 1.0:
-            raise InvalidInputError(name, value, "use a fraction of the schedule between 0.0 and 1.0")
+        require_number(name, value, 0.0, 1.0, "use a fraction of the schedule between 0.0 and 1.0")
     if start_percent > end_percent:
         raise InvalidInputError("start_percent", start_percent,
                                 f"the window must start before it ends: set start_percent <= end_percent ({end_percent})")
@@ -171,7 +169,6 @@ def validate_adaptive_guidance(threshold: float, start_percent: float, end_perce
         raise InvalidInputError("after_cutoff", after_cutoff, f"choose one of {', '.join(AFTER_CUTOFF_MODES)}")
     if cosine_space not in COSINE_SPACES:
         raise InvalidInputError("cosine_space", cosine_space, f"choose one of {', '.join(COSINE_SPACES)}")
-    if not 0.0 <= convergence <= CONVERGENCE_OFF:
-        raise InvalidInputError("convergence", convergence,
-                                "use a fraction between 0.0 and 1.0: 0.5 cuts only once 1 − cosine has halved since the "
-                                "first step; 1.0 turns the condition off (the paper's rule)")
+    require_number("convergence", convergence, 0.0, CONVERGENCE_OFF,
+                   "use a fraction between 0.0 and 1.0: 0.5 cuts only once 1 − cosine has halved since the first "
+                   "step; 1.0 turns the condition off (the paper's rule)")
