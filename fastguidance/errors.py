@@ -21,14 +21,5 @@ class InvalidInputError(FastGuidanceError, ValueError):
         super().__init__(f"{input_name} = {value!r} is not valid: {fix}")
 
 
-def require_number(name: str, value: object, low: float, high: float, fix: str, integer: bool = False) -> None:
-    """Raise :class:`InvalidInputError` unless ``value`` is a number (a whole one if ``integer``) in
-    ``[low, high]``. Checks the type first: ComfyUI hands the raw value (a string, say) to
-    ``validate_inputs`` for every input that function names, and comparing it would raise instead."""
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
-        raise InvalidInputError(name, value, fix)
-
-
 class TensorFileError(FastGuidanceError):
     """A file of the pack is missing, corrupt, of another kind or made for something else."""

@@ -27,7 +27,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .engine import GuidancePolicy
-from .errors import InvalidInputError, require_number
+from .errors import InvalidInputError
+from .validation import require_number
 from .metrics import ssim
 from .policies import AdaptiveGuidance, CompressGuidance
 

@@ -24,7 +24,8 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..fastguidance.engine import GuidanceRun
-from ..fastguidance.errors import FastGuidanceError, InvalidInputError, require_number
+from ..fastguidance.errors import FastGuidanceError, InvalidInputError
+from ..fastguidance.validation import require_number
 from ..fastguidance.policies.linear_ag import LinearAG, LinearAGCoefficients, ScheduleMismatchError
 from ..fastguidance.report import tradeoff_chart
 from ..fastguidance.tune import (DEFAULT_TARGET, MAX_TARGET, MIN_TARGET, TuneResult, adaptive_guidance_method,

@@ -36,7 +36,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..engine import Action, CallRecord, GuidancePolicy, GuidanceRun, StepContext
-from ..errors import InvalidInputError, require_number
+from ..errors import InvalidInputError
+from ..validation import require_number
 from ..guidance import COSINE_SPACES
 
 AFTER_CUTOFF_MODES = ("cond_only", "reuse")

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..engine import Action, GuidancePolicy, GuidanceRun, StepContext
-from ..errors import InvalidInputError, require_number
+from ..errors import InvalidInputError
+from ..validation import require_number
 
 #: the interval Kynkäänniemi et al. 2024 report for EDM2 (σ_lo, σ_hi]
 PAPER_INTERVAL = (0.28, 5.42)
