@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from fastguidance.errors import InvalidInputError
 from fastguidance.metrics import (
-    PSNR_CAP_DB, compare_images, format_psnr, frechet_distance, mean_psnr, pair_batches, psnr, ssim,
+    PSNR_CAP_DB, FrechetBootstrap, bootstrap_indices, bootstrap_means, compare_images, format_psnr, frechet_distance,
+    mean_psnr, pair_batches, percentile_interval, prompts_to_resolve, psnr, ssim,
 )
 
 
@@ -220,3 +221,63 @@ def test_frechet_distance_refuses_bad_features():
         with pytest.raises(InvalidInputError) as error:
             frechet_distance(*args)
         assert error.value.input_name == name
+
+
+# --------------------------------------------------------------------------------------------------
+# Paired bootstrap
+
+
+def test_bootstrap_indices_are_seeded_and_in_range():
+    first, again, other = bootstrap_indices(50, 200, seed=7), bootstrap_indices(50, 200, seed=7), bootstrap_indices(50, 200, 8)
+    assert first.shape == (200, 50) and torch.equal(first, again) and not torch.equal(first, other)
+    assert int(first.min()) >= 0 and int(first.max()) == 49
+    with pytest.raises(InvalidInputError):
+        bootstrap_indices(0, 10, seed=0)
+
+
+def test_percentile_interval_of_known_values():
+    assert percentile_interval(torch.arange(101.0)) == pytest.approx([2.5, 97.5])
+    assert percentile_interval(torch.arange(101.0), level=0.5) == pytest.approx([25.0, 75.0])
+    with pytest.raises(InvalidInputError):
+        percentile_interval(torch.arange(5.0), level=1.0)
+
+
+def test_bootstrap_interval_of_a_mean_matches_the_normal_approximation():
+    # 0/1 scores with p = 0.7 on 400 prompts: the 95% interval is about p ± 1.96·√(p(1−p)/N) = ±0.045
+    values = (torch.rand(400, generator=torch.Generator().manual_seed(1)) < 0.7).double()
+    low, high = percentile_interval(bootstrap_means(values, bootstrap_indices(400, 4000, seed=0)))
+    p = float(values.mean())
+    half = 1.96 * math.sqrt(p * (1 - p) / 400)
+    assert low < p < high
+    assert (high - low) / 2 == pytest.approx(half, rel=0.1)
+
+
+def test_paired_differences_cancel_what_the_rows_share():
+    # two rows that differ by exactly 0.05 on every prompt: the paired interval of the difference is that
+    # value exactly, although each row's own interval is wide
+    scores = torch.rand(96, generator=torch.Generator().manual_seed(2))
+    indices = bootstrap_indices(96, 500, seed=0)
+    a, b = bootstrap_means(scores + 0.05, indices), bootstrap_means(scores, indices)
+    assert percentile_interval(a - b) == pytest.approx([0.05, 0.05], abs=1e-12)
+    low, high = percentile_interval(a)
+    assert high - low > 0.05
+
+
+def test_prompts_to_resolve_scales_with_the_square_of_the_half_width():
+    assert prompts_to_resolve(0.04, 96, 0.02) == 384
+    assert prompts_to_resolve(0.01, 96, 0.02) == 24
+    with pytest.raises(InvalidInputError):
+        prompts_to_resolve(0.04, 96, 0.0)
+
+
+def test_frechet_bootstrap_equals_the_distance_of_each_resampled_set():
+    generator = torch.Generator().manual_seed(3)
+    reference = torch.randn(40, 6, generator=generator)
+    features = 0.5 * torch.randn(40, 6, generator=generator) + 0.3
+    indices = bootstrap_indices(40, 12, seed=0)
+    distances = FrechetBootstrap(reference, indices).distances(features)
+    expected = torch.tensor([frechet_distance(features[row], reference[row]) for row in indices], dtype=torch.float64)
+    assert torch.allclose(distances, expected, rtol=1e-9, atol=1e-9)
+    assert float(FrechetBootstrap(reference, indices).distances(reference).abs().max()) < 1e-9
+    with pytest.raises(InvalidInputError):
+        FrechetBootstrap(reference, indices).distances(features[:, :5])
