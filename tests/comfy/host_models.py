@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import sys
 import types
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -136,6 +138,219 @@ def tiny_flux_model(seed: int = 0):
     model = comfy.supported_models.Flux(flux_config()).get_model({})
     seeded_weights(model, seed, attn2_std=0.1, std=0.05)
     return model
+
+
+# -- every family that samples with CFG (issue 18 §2) ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Workflow:
+    """What a family's usual ComfyUI workflow samples with, read from the host's own workflow templates
+    (``comfyui_workflow_templates`` of the pinned frontend; ``template`` names the file and the package)."""
+
+    sampler: str
+    scheduler: str
+    steps: int
+    cfg: float
+    template: str
+    note: str = ""
+
+
+def _cond_tokens(batch: int, tokens: int, width: int, generator, scale: float):
+    return torch.randn(batch, tokens, width, generator=generator) * scale
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family built tiny with the host's own classes: ``comfy.supported_models.<model_class>(config)``.
+
+    ``accepts`` names the host class whose constructor (or parameter dataclass) lists the settings this host
+    takes: settings an older host does not know (0.3.64's Lumina 2 has no ``rope_theta``) are left out, and
+    are at their host default there. ``extras`` gives the conditioning entries the family's ``extra_conds``
+    reads besides the token embeddings (pooled outputs, masks), per prompt.
+    """
+
+    key: str
+    name: str
+    model_class: str
+    config: dict
+    latent_shape: tuple  # one sample: (channels, [frames,] height, width)
+    usual: Workflow
+    context_dim: int = 64
+    tokens: int = 8
+    accepts: str | None = None
+    extras: Callable[[int, torch.Generator], dict] | None = None
+    weight_std: tuple[float, float] = (0.1, 0.05)  # (cross-attention, other) std of the seeded weights
+    two_models: bool = False  # the usual workflow samples a high-noise model, then a low-noise one
+
+    @property
+    def video(self) -> bool:
+        return len(self.latent_shape) == 4
+
+
+class FamilyUnavailable(RuntimeError):
+    """This host cannot build the family (its class is missing): the message says what is missing."""
+
+
+def _resolve(dotted: str):
+    import importlib
+
+    module, _, name = dotted.rpartition(".")
+    return getattr(importlib.import_module(module), name, None)
+
+
+def host_config(family: Family) -> dict:
+    """``family.config`` restricted to what this host's classes accept (:class:`Family`)."""
+    import dataclasses
+    import inspect
+
+    config = dict(family.config)
+    if family.accepts is None:
+        return config
+    target = _resolve(family.accepts)
+    if dataclasses.is_dataclass(target):
+        known = {field.name for field in dataclasses.fields(target)}
+    else:
+        known = set(inspect.signature(target.__init__).parameters)
+    return {name: value for name, value in config.items() if name in known or name == "image_model"}
+
+
+def family_model(family: Family, seed: int = 0):
+    """The family's tiny ``BaseModel`` with seeded weights; :class:`FamilyUnavailable` when this host lacks it."""
+    import comfy.supported_models
+
+    model_class = getattr(comfy.supported_models, family.model_class, None)
+    if model_class is None:
+        raise FamilyUnavailable(f"this ComfyUI has no comfy.supported_models.{family.model_class}")
+    model = model_class(host_config(family)).get_model({})
+    seeded_weights(model, seed, attn2_std=family.weight_std[0], std=family.weight_std[1])
+    return model
+
+
+def family_conds(family: Family, seed: int = 1, positive_scale: float = 3.0):
+    """CONDITIONING pair (positive, negative) of batch 1 in the shapes the family's model reads."""
+    generator = torch.Generator().manual_seed(seed)
+    pair = []
+    for scale in (positive_scale, 0.1):
+        tokens = _cond_tokens(1, family.tokens, family.context_dim, generator, scale)
+        extras = family.extras(family.tokens, generator) if family.extras else {}
+        pair.append([[tokens, extras]])
+    return pair[0], pair[1]
+
+
+def family_latent(family: Family, batch: int = 1) -> dict:
+    """An empty LATENT of the family's shape (4-D images, 5-D video)."""
+    return {"samples": torch.zeros(batch, *family.latent_shape)}
+
+
+def _pooled(width: int):
+    return lambda tokens, generator: {"pooled_output": torch.randn(1, width, generator=generator)}
+
+
+def _text_mask(tokens, generator):
+    return {"attention_mask": torch.ones(1, tokens, dtype=torch.long)}
+
+
+def _hidream_extras(tokens, generator):
+    return {"pooled_output": torch.randn(1, 32, generator=generator),
+            "conditioning_llama3": torch.randn(1, 2, tokens, 64, generator=generator)}
+
+
+_TEMPLATES_033 = "comfyui_workflow_templates 0.11.44 (0.33.0)"
+_TEMPLATES_0364 = "comfyui_workflow_templates 0.1.95 (0.3.64)"
+_SMALL_UNET = _unet_config(32, [1, 2], 64, {"num_head_channels": 16, "num_heads": -1})
+_LUMINA = {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 64, "cap_feat_dim": 64, "n_layers": 1,
+           "n_refiner_layers": 1, "qk_norm": True, "n_heads": 2, "n_kv_heads": 2, "axes_dims": [8, 12, 12],
+           "axes_lens": [300, 512, 512], "rope_theta": 10000.0, "ffn_dim_multiplier": 4.0, "multiple_of": 16}
+_WAN = {"image_model": "wan2.1", "model_type": "t2v", "dim": 64, "ffn_dim": 128, "num_heads": 2, "num_layers": 2,
+        "in_dim": 16, "out_dim": 16, "text_dim": 64, "text_len": 16, "patch_size": (1, 2, 2), "freq_dim": 256,
+        "window_size": (-1, -1), "qk_norm": True, "cross_attn_norm": True, "eps": 1e-6}
+
+#: the families whose usual workflows sample with CFG, each built tiny (sizes chosen to be the smallest the
+#: host's classes accept: Z-Image's modulation needs width 256, SDXL's 64 channels per attention head)
+FAMILIES: tuple[Family, ...] = (
+    Family("sd15", "SD 1.x", "SD15", _SMALL_UNET, (4, 8, 8), tokens=77,
+           usual=Workflow("euler", "normal", 20, 8.0, f"default.json, {_TEMPLATES_0364}")),
+    Family("sdxl", "SDXL", "SDXL",
+           {**_unet_config(64, [1, 2], 64, {}), "adm_in_channels": 2816,
+            "use_linear_in_transformer": True, "num_classes": "sequential"},
+           (4, 8, 8), tokens=77, extras=_pooled(1280),
+           usual=Workflow("euler", "normal", 25, 8.0, f"sdxl_simple_example.json, {_TEMPLATES_033}",
+                          "base 20 steps then refiner 5 (KSamplerAdvanced)")),
+    Family("sd3", "SD3.x (MMDiT)", "SD3",
+           {"in_channels": 16, "patch_size": 2, "out_channels": 16, "depth": 2, "input_size": None,
+            "adm_in_channels": 32, "num_patches": 256, "pos_embed_max_size": 16, "pos_embed_scaling_factor": None,
+            "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 64, "out_features": 128}},
+            "x_block_self_attn_layers": [], "qk_norm": "rms"},
+           (16, 8, 8), extras=_pooled(32),
+           usual=Workflow("euler", "sgm_uniform", 20, 4.01, f"sd3.5_simple_example.json, {_TEMPLATES_033}")),
+    Family("flux", "Flux.1 with cfg > 1", "Flux", {**FLUX_CONFIG, "txt_ids_dims": []}, (16, 8, 8), accepts="comfy.ldm.flux.model.FluxParams",
+           extras=_pooled(FLUX_CONFIG["vec_in_dim"]),
+           usual=Workflow("euler", "simple", 20, 1.0, f"flux_dev_full_text_to_image.json, {_TEMPLATES_033}",
+                          "dev is guidance-distilled (cfg 1, FluxGuidance 3.5); cfg > 1 is true CFG on "
+                          "de-distilled or base Flux")),
+    Family("chroma", "Chroma", "Chroma",
+           {"image_model": "chroma", "in_channels": 64, "out_channels": 64, "context_in_dim": 64, "hidden_size": 64,
+            "mlp_ratio": 2.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1, "axes_dim": [8, 12, 12],
+            "theta": 10000, "patch_size": 2, "qkv_bias": True, "in_dim": 64, "out_dim": 64, "hidden_dim": 128,
+            "n_layers": 2, "txt_ids_dims": [], "vec_in_dim": None},
+           (16, 8, 8), accepts="comfy.ldm.chroma.model.ChromaParams",
+           extras=lambda tokens, generator: {"pooled_output": None},  # 0.3.64's Flux.encode_adm reads the key
+           usual=Workflow("euler", "beta", 26, 3.5, f"image_chroma_text_to_image.json, {_TEMPLATES_033}",
+                          "CFGGuider + SamplerCustomAdvanced")),
+    Family("wan21", "Wan 2.1 (T2V)", "WAN21_T2V", _WAN, (16, 3, 8, 8),
+           usual=Workflow("uni_pc", "simple", 30, 6.0, f"text_to_video_wan.json, {_TEMPLATES_033}")),
+    Family("wan22_a14b", "Wan 2.2 A14B (high/low-noise models)", "WAN21_T2V", _WAN, (16, 3, 8, 8), two_models=True,
+           usual=Workflow("euler", "simple", 20, 3.5, f"video_wan2_2_14B_t2v.json, {_TEMPLATES_0364}",
+                          "two KSamplerAdvanced, steps 0–10 high-noise model, 10–20 low-noise model "
+                          "(0.33's template: 4-step LoRA at cfg 1)")),
+    Family("wan22_5b", "Wan 2.2 TI2V 5B", "WAN22_T2V", {**_WAN, "in_dim": 48, "out_dim": 48}, (48, 3, 8, 8),
+           usual=Workflow("uni_pc", "simple", 20, 5.0, f"video_wan2_2_5B_ti2v.json, {_TEMPLATES_033}")),
+    Family("hunyuan_video", "HunyuanVideo", "HunyuanVideo",
+           {"image_model": "hunyuan_video", "in_channels": 16, "out_channels": 16, "vec_in_dim": 32,
+            "context_in_dim": 64, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1,
+            "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 256, "patch_size": [1, 2, 2],
+            "qkv_bias": True, "guidance_embed": False, "byt5": False, "meanflow": False,
+            "use_cond_type_embedding": False, "vision_in_dim": None, "meanflow_sum": False},
+           (16, 3, 8, 8), accepts="comfy.ldm.hunyuan_video.model.HunyuanVideoParams", extras=_pooled(32),
+           usual=Workflow("euler", "simple", 20, 1.0, f"hunyuan_video_text_to_video.json, {_TEMPLATES_033}",
+                          "1.0 is guidance-distilled (BasicGuider, FluxGuidance 6); HunyuanVideo 1.5 uses "
+                          "CFGGuider cfg 6 (video_hunyuan_video_1.5_720p_t2v.json)")),
+    Family("ltxv", "LTX-Video", "LTXV",
+           {"image_model": "ltxv", "in_channels": 128, "cross_attention_dim": 64, "attention_head_dim": 32,
+            "num_attention_heads": 2, "caption_channels": 64, "num_layers": 1},
+           (128, 2, 4, 4), extras=_text_mask,
+           usual=Workflow("euler", "LTXVScheduler", 30, 3.0, f"ltxv_text_to_video.json, {_TEMPLATES_033}",
+                          "SamplerCustom")),
+    Family("qwen_image", "Qwen-Image", "QwenImage",
+           {"image_model": "qwen_image", "in_channels": 64, "out_channels": 16, "num_layers": 1,
+            "attention_head_dim": 32, "num_attention_heads": 2, "joint_attention_dim": 64,
+            "axes_dims_rope": (8, 12, 12), "patch_size": 2},
+           (16, 8, 8),
+           usual=Workflow("euler", "simple", 20, 2.5, f"image_qwen_image.json, {_TEMPLATES_0364}",
+                          "2512: 50 steps cfg 4; Lightning LoRA: cfg 1")),
+    Family("lumina2", "Lumina 2", "Lumina2", _LUMINA, (16, 8, 8), accepts="comfy.ldm.lumina.model.NextDiT",
+           extras=_text_mask,
+           usual=Workflow("res_multistep", "simple", 30, 4.0, f"image_netayume_lumina_t2i.json, {_TEMPLATES_033}")),
+    Family("z_image", "Z-Image", "ZImage",
+           {**_LUMINA, "dim": 256, "axes_dims": [32, 48, 48], "rope_theta": 256.0, "ffn_dim_multiplier": 8.0 / 3.0,
+            "z_image_modulation": True, "time_scale": 1000.0},
+           (16, 8, 8), accepts="comfy.ldm.lumina.model.NextDiT", extras=_text_mask,
+           usual=Workflow("res_multistep", "simple", 25, 4.0, f"image_z_image.json, {_TEMPLATES_033}",
+                          "Turbo: 8 steps at cfg 1")),
+    Family("hidream", "HiDream I1", "HiDream",
+           {"image_model": "hidream", "in_channels": 16, "out_channels": 16, "patch_size": 2, "num_layers": 1,
+            "num_single_layers": 1, "attention_head_dim": 32, "num_attention_heads": 2, "caption_channels": [64, 64],
+            "text_emb_dim": 32, "num_routed_experts": 2, "num_activated_experts": 1, "axes_dims_rope": [16, 8, 8],
+            "max_resolution": [128, 128], "llama_layers": [0, 1]},
+           (16, 8, 8), extras=_hidream_extras,
+           usual=Workflow("uni_pc", "simple", 50, 5.0, f"hidream_i1_full.json, {_TEMPLATES_033}",
+                          "Full; Dev and Fast: cfg 1")),
+)
+
+
+def family(key: str) -> Family:
+    return next(f for f in FAMILIES if f.key == key)
 
 
 def sd15_detectable_model(seed: int = 0):
