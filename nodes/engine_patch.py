@@ -24,6 +24,7 @@ import torch
 from comfy_api.latest import io
 
 from ..fastguidance.engine import GuidancePolicy, GuidanceRun, shared_cosine_space
+from .page_messages import send_to_page
 
 log = logging.getLogger("fastguidance")
 
@@ -188,13 +189,7 @@ def _send_to_page(config: EngineConfig, run: GuidanceRun) -> None:
     """Optional: the frontend draws the record on the node. Silent where no server runs."""
     if not config.node_ids:
         return
-    try:
-        from server import PromptServer
-    except ImportError:
-        return
-    instance = getattr(PromptServer, "instance", None)
-    if instance is None:
-        return
     data = run.to_dict()
     for node_id in config.node_ids:
-        instance.send_sync(RUN_EVENT, {"node": node_id, **data})
+        if not send_to_page(RUN_EVENT, {"node": node_id, **data}):
+            return

@@ -23,7 +23,7 @@ from ..fastguidance.adapter_training import (DistillationTrainer, TrainingSettin
 from ..fastguidance.adapters import ADAPTER_KINDS, AdapterSpec, GuidanceAdapters, load_adapters, save_adapters
 from ..fastguidance.errors import FastGuidanceError, InvalidInputError
 from ..fastguidance.guidance import noise_of
-from . import model_folders
+from . import model_folders, page_messages
 from .adapter_patch import (BOUND_KEY, attach, attach_points, bind_adapters, differentiable_attention, has_adapters,
                             host_training_mode, install_adapters, is_dit, saved_activations_copied, trainable_weights,
                             warn_outside_range)
@@ -264,6 +264,7 @@ class TrainGuidanceAdapterNode(io.ComfyNode):
                 "collect_seconds": collected, "seconds": time.perf_counter() - began, **memory,
                 "base_parameters": sum(p.numel() for p in model.model.diffusion_model.parameters())}
         save_adapters(adapters, path, info, overwrite=overwrite)
+        page_messages.file_written(model_folders.ADAPTERS, path)
         if os.path.exists(checkpoint_path):
             os.remove(checkpoint_path)
         share = adapters.count_parameters() / info["base_parameters"]

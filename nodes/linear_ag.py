@@ -17,7 +17,7 @@ from ..fastguidance.errors import FastGuidanceError, InvalidInputError
 from ..fastguidance.policies.linear_ag import (MAX_WINDOW, POLICY_MODES, LinearAG, LinearAGCalibration,
                                                LinearAGCoefficients, validate_linear_ag,
                                                validate_linear_ag_calibration)
-from . import model_folders
+from . import model_folders, page_messages
 from .engine_patch import install_policy
 from .model_identity import model_architecture, model_fingerprint
 
@@ -119,6 +119,7 @@ class LinearAGCalibrateNode(io.ComfyNode):
         except FastGuidanceError as error:
             raise InvalidInputError("runs", runs, f"{error}") from None
         coefficients.save(path, overwrite=overwrite)
+        page_messages.file_written(model_folders.LINEAR_AG, path)
         report = calibration_report(coefficients, path, info["seconds"])
         log.info("FastGuidance: %s", report.splitlines()[0])
         return io.NodeOutput(report)

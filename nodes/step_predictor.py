@@ -17,7 +17,7 @@ from ..fastguidance.errors import InvalidInputError
 from ..fastguidance.metrics import ssim
 from ..fastguidance.step_predictor import (StepPredictor, conditioning_features, latent_fidelity, load_step_predictor,
                                            parse_step_options, save_step_predictor, train_step_policy)
-from . import model_folders
+from . import model_folders, page_messages
 from .trainers import curve_image, prompt_lines
 from .model_identity import model_architecture, model_fingerprint, require_same_model
 
@@ -210,6 +210,7 @@ class TrainStepPredictorNode(io.ComfyNode):
                 "conditioning_width": features.shape[1], "reward_curve": training.reward,
                 "steps_curve": training.steps, "seconds": time.perf_counter() - began}
         save_step_predictor(predictor, path, info, overwrite=overwrite)
+        page_messages.file_written(model_folders.STEP_PREDICTORS, path)
         mean_steps = sum(chosen) / len(chosen)
         report = (f"Step predictor saved to {path}\noptions {list(options)}, λ {cost_weight}, {iterations} iterations, "
                   f"{info['seconds']:.0f} s\nchosen for the training prompts: mean {mean_steps:.1f} steps "

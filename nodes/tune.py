@@ -31,7 +31,7 @@ from ..fastguidance.report import tradeoff_chart
 from ..fastguidance.tune import (DEFAULT_TARGET, MAX_TARGET, MIN_TARGET, TuneResult, adaptive_guidance_method,
                                  bisection_trials, compress_guidance_method, linear_ag_method, load_preset,
                                  policy_from_settings, preset_mismatch, save_preset, tune, validate_target)
-from . import model_folders
+from . import model_folders, page_messages
 from .engine_patch import ENGINE_KEY, RUN_OBSERVER_KEY, install_policy
 from .model_identity import model_architecture, model_fingerprint
 
@@ -335,6 +335,7 @@ class TuneNode(io.ComfyNode):
                     "compared": "latents" if vae is None else "decoded images",
                     "linear_ag_calibration": None if linear_ag_calibration == NO_CALIBRATION else linear_ag_calibration}
         save_preset(path, result, made_for, overwrite=overwrite)
+        page_messages.file_written(model_folders.PRESETS, path)
         text = result.text() + f"\n  preset saved to {path}"
         log.info("%s", text)
         winner = result.winner

@@ -69,3 +69,21 @@ def test_legacy_values_of_saved_workflows_are_the_paper_rule_the_nodes_ran_befor
     assert 'LEGACY_VALUES = {"cosine_space": PAPER_SETTINGS["cosine_space"], "convergence": CONVERGENCE_OFF}' in node
     assert node.count('convergence: float = LEGACY_VALUES["convergence"]') == 2
     assert node.count('cosine_space: str = LEGACY_VALUES["cosine_space"]') == 2
+
+
+def test_every_node_that_writes_a_loader_file_tells_the_page():
+    """The page refreshes its lists on the message the writers send (js/file_lists.js): same event
+    name on both sides, and every node that asks model_folders for a new file announces it once written."""
+    import re
+
+    text = (PROJECT_ROOT / "js" / "file_lists.js").read_text(encoding="utf-8")
+    messages = (PROJECT_ROOT / "nodes" / "page_messages.py").read_text(encoding="utf-8")
+    event = re.search(r'^FILE_EVENT = "([\w.]+)"', messages, re.M).group(1)
+    assert f'const FILE_EVENT = "{event}";' in text
+    writers = 0
+    for path in (PROJECT_ROOT / "nodes").glob("*.py"):
+        source = path.read_text(encoding="utf-8")
+        for folder in re.findall(r"model_folders\.new_file\(model_folders\.(\w+),", source):
+            writers += 1
+            assert f"page_messages.file_written(model_folders.{folder}, path)" in source, (path.name, folder)
+    assert writers == 4
