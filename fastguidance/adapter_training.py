@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,22 @@ def format_bytes(size: int) -> str:
         if size >= scale:
             return f"{size / scale:.1f} {unit}"
     return f"{size} B"
+
+
+def require_room_for_trajectories(examples: int, sample_shape: Sequence[int], input_name: str, value: object,
+                                  memory_limit: int = DEFAULT_MEMORY_LIMIT, directory: str | None = None) -> None:
+    """Refuse, before any sampling, a recording that would go to disk (above ``memory_limit``) and not fit
+    in the free space of ``directory`` (default: the temporary folder :class:`TrajectoryStore` uses)."""
+    size = trajectory_bytes(examples, sample_shape)
+    if size <= memory_limit:
+        return
+    folder = directory or tempfile.gettempdir()
+    free = shutil.disk_usage(folder).free
+    if size > free:
+        raise InvalidInputError(input_name, value, f"recording needs about {format_bytes(size)} on disk in {folder}, "
+                                                   f"which has {format_bytes(free)} free: record fewer trajectories "
+                                                   "or steps, a smaller width and height, or point TMPDIR to a "
+                                                   "larger disk")
 
 
 class TrajectoryStore:

@@ -32,8 +32,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from .errors import FastGuidanceError, InvalidInputError
-from .tensorfile import load_tensor_file, save_tensor_file
+from .errors import InvalidInputError, TensorFileError
+from .tensorfile import interpreting, load_tensor_file, module_from_file, save_tensor_file
 
 ADAPTER_KINDS = ("cross_attention", "offset")
 FORMAT = "fastguidance.adapters"
@@ -250,9 +250,19 @@ def save_adapters(adapters: GuidanceAdapters, path: str | Path, info: dict[str, 
 
 def load_adapters(path: str | Path) -> tuple[GuidanceAdapters, dict[str, Any]]:
     tensors, metadata = load_tensor_file(path, FORMAT, FORMAT_VERSION, "train adapters for this model first")
-    try:
-        adapters = GuidanceAdapters(AdapterSpec(**metadata["spec"]))
-        adapters.load_state_dict(tensors)
-    except (KeyError, TypeError, RuntimeError) as error:
-        raise FastGuidanceError(f"{path} is an adapter file with missing or mismatched parts ({error}): train it again") from None
+    with interpreting(path, "guidance adapter"):
+        spec = AdapterSpec(**metadata["spec"])
+        if not isinstance(metadata.get("architecture"), str):
+            raise TensorFileError(f"{path} does not name the architecture it was trained for: train it again")
+        omega_range = metadata.get("omega_range")
+        if omega_range is not None and not (isinstance(omega_range, list) and len(omega_range) == 2
+                                            and all(_is_number(value) for value in omega_range)
+                                            and omega_range[0] <= omega_range[1]):
+            raise TensorFileError(f"{path} has an invalid omega_range {omega_range!r} (expected [low, high]): "
+                                  "train it again")
+    adapters = module_from_file(path, "guidance adapter", lambda: GuidanceAdapters(spec), tensors)
     return adapters.eval().requires_grad_(False), metadata
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -29,9 +29,9 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from .errors import FastGuidanceError, InvalidInputError
+from .errors import InvalidInputError, TensorFileError
 from .metrics import ssim
-from .tensorfile import load_tensor_file, save_tensor_file
+from .tensorfile import interpreting, load_tensor_file, module_from_file, save_tensor_file
 
 FORMAT = "fastguidance.step_predictor"
 FORMAT_VERSION = 1
@@ -240,11 +240,14 @@ def save_step_predictor(predictor: StepPredictor, path: str | Path, info: dict[s
 
 def load_step_predictor(path: str | Path) -> tuple[StepPredictor, dict[str, Any]]:
     tensors, metadata = load_tensor_file(path, FORMAT, FORMAT_VERSION, "train one with FastGuidance_TrainStepPredictor")
-    try:
-        predictor = StepPredictor(int(metadata["feature_dim"]), metadata["options"], int(metadata["hidden"]))
-        predictor.load_state_dict(tensors)
-    except (KeyError, RuntimeError, ValueError, TypeError) as error:
-        raise FastGuidanceError(f"{path} is a step predictor with missing or mismatched parts ({error}): train it again") from None
+    with interpreting(path, "step predictor"):
+        feature_dim, options, hidden = metadata["feature_dim"], metadata["options"], metadata["hidden"]
+        if not (isinstance(feature_dim, int) and isinstance(hidden, int) and isinstance(options, list)
+                and all(isinstance(option, int) and not isinstance(option, bool) for option in options)):
+            raise TensorFileError(f"{path} is not a valid step predictor file: feature_dim, hidden and options must "
+                                  f"be whole numbers (found {feature_dim!r}, {hidden!r}, {options!r}): train it again")
+        validate_step_options(options)
+    predictor = module_from_file(path, "step predictor", lambda: StepPredictor(feature_dim, options, hidden), tensors)
     return predictor.eval().requires_grad_(False), metadata
 
 

@@ -293,14 +293,36 @@ def save_preset(path: Any, result: TuneResult, made_for: dict[str, Any], overwri
 def load_preset(path: Any) -> dict[str, Any]:
     """Read a preset's metadata; :class:`~fastguidance.errors.TensorFileError` says what is wrong."""
     from .errors import TensorFileError
-    from .tensorfile import load_tensor_file
+    from .policies.linear_ag import validate_linear_ag
+    from .tensorfile import interpreting, load_tensor_file
 
     _, metadata = load_tensor_file(path, PRESET_FORMAT, PRESET_VERSION)
     method, settings = metadata.get("method"), metadata.get("settings")
     if method not in ("none",) + TUNABLE_METHODS or not isinstance(settings, dict):
         raise TensorFileError(f"{path} is a preset without a valid method and settings (method {method!r}): "
                               "tune again to make it anew")
+    with interpreting(path, "preset"):
+        # everything the loader and its summary read, so that a hand-edited preset fails here, by name
+        for key in ("evaluations", "cfg_evaluations", "ssim_min", "target"):
+            if key in metadata and not _finite_number(metadata[key]):
+                raise TensorFileError(f"{path} has {key} {metadata[key]!r}, not a number: tune again")
+        if "steps" in metadata and not (isinstance(metadata["steps"], int) and metadata["steps"] >= 1):
+            raise TensorFileError(f"{path} has steps {metadata['steps']!r}, not a step count: tune again")
+        if method in ("ag", "compg"):
+            policy_from_settings(method, settings)
+        elif method == "linear_ag":
+            unknown = set(settings) - {"mode", "after_step", "error_bound", "interpolate_sigmas"}
+            if unknown:
+                raise TensorFileError(f"{path} has unknown LinearAG settings {sorted(unknown)}: tune again")
+            validate_linear_ag(settings.get("mode", "error_bound"), settings.get("after_step", 1),
+                               settings.get("error_bound", 0.3))
+            if not isinstance(metadata.get("linear_ag_calibration"), str):
+                raise TensorFileError(f"{path} does not name its LinearAG calibration file: tune again")
     return metadata
+
+
+def _finite_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def preset_mismatch(metadata: dict[str, Any], model_fingerprint: str | None, schedule: dict[str, Any]) -> str | None:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..fastguidance.errors import InvalidInputError
 from ..fastguidance.guidance import COSINE_SPACES
 from ..fastguidance.policies.adaptive import (AFTER_CUTOFF_MODES, CONVERGENCE_OFF, MAX_THRESHOLD, PAPER_SETTINGS,
                                                AdaptiveGuidance, validate_adaptive_guidance)
 from .engine_patch import cfg_guider, guider_inputs, install_policy
+from .validation import CrossRule, check_inputs, validate
 
 
 _DEFAULTS = AdaptiveGuidance()
@@ -64,18 +64,9 @@ def _settings_inputs() -> list:
     ]
 
 
-def _validate(threshold=None, start_percent=None, end_percent=None, after_cutoff=None,
-              cosine_space=None, convergence=None) -> bool | str:
-    """``validate_inputs`` for both nodes: a message naming the input and the fix, or True."""
-    values = {"threshold": threshold, "start_percent": start_percent, "end_percent": end_percent,
-              "after_cutoff": after_cutoff, "cosine_space": cosine_space, "convergence": convergence}
-    # Inputs fed by links are not known before the run; check the rest against the defaults.
-    known = {name: getattr(_DEFAULTS, name) if value is None else value for name, value in values.items()}
-    try:
-        validate_adaptive_guidance(**known)
-    except InvalidInputError as error:
-        return str(error)
-    return True
+#: the settings checked together (the window's order), once all of them are known
+_CHECKS = (CrossRule(validate_adaptive_guidance, ("threshold", "start_percent", "end_percent", "after_cutoff",
+                                                  "cosine_space", "convergence")),)
 
 
 def _policy(threshold: float, start_percent: float, end_percent: float, after_cutoff: str,
@@ -101,14 +92,14 @@ class AdaptiveGuidanceNode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, threshold=None, start_percent=None, end_percent=None, after_cutoff=None,
-                        cosine_space=None, convergence=None) -> bool | str:
-        return _validate(threshold, start_percent, end_percent, after_cutoff, cosine_space, convergence)
+    def validate_inputs(cls, **values) -> bool | str:
+        return validate(cls, values, *_CHECKS)
 
     @classmethod
     def execute(cls, model, threshold: float, start_percent: float, end_percent: float, after_cutoff: str,
                 cosine_space: str = LEGACY_VALUES["cosine_space"],
                 convergence: float = LEGACY_VALUES["convergence"]) -> io.NodeOutput:
+        check_inputs(cls, locals(), *_CHECKS)
         policy = _policy(threshold, start_percent, end_percent, after_cutoff, cosine_space, convergence)
         return io.NodeOutput(install_policy(model, policy, cls.hidden.unique_id))
 
@@ -129,13 +120,13 @@ class AdaptiveGuiderNode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, threshold=None, start_percent=None, end_percent=None, after_cutoff=None,
-                        cosine_space=None, convergence=None) -> bool | str:
-        return _validate(threshold, start_percent, end_percent, after_cutoff, cosine_space, convergence)
+    def validate_inputs(cls, **values) -> bool | str:
+        return validate(cls, values, *_CHECKS)
 
     @classmethod
     def execute(cls, model, positive, negative, cfg: float, threshold: float, start_percent: float,
                 end_percent: float, after_cutoff: str, cosine_space: str = LEGACY_VALUES["cosine_space"],
                 convergence: float = LEGACY_VALUES["convergence"]) -> io.NodeOutput:
+        check_inputs(cls, locals(), *_CHECKS)
         policy = _policy(threshold, start_percent, end_percent, after_cutoff, cosine_space, convergence)
         return io.NodeOutput(cfg_guider(model, positive, negative, cfg, policy, cls.hidden.unique_id))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..fastguidance.errors import InvalidInputError
 from ..fastguidance.policies.compress import COMPRESS_MODES, MAX_SKEW, CompressGuidance, validate_compress_guidance
 from .engine_patch import cfg_guider, guider_inputs, install_policy
+from .validation import CrossRule, check_inputs, validate
 
 
 _DEFAULTS = CompressGuidance()
@@ -45,16 +45,8 @@ def _settings_inputs() -> list:
     ]
 
 
-def _validate(compression=None, guided_steps=None, skew=None, mode=None) -> bool | str:
-    """``validate_inputs`` for both nodes: a message naming the input and the fix, or True."""
-    values = {"compression": compression, "guided_steps": guided_steps, "skew": skew, "mode": mode}
-    # Inputs fed by links are not known before the run; check the rest against the defaults.
-    known = {name: getattr(_DEFAULTS, name) if value is None else value for name, value in values.items()}
-    try:
-        validate_compress_guidance(**known)
-    except InvalidInputError as error:
-        return str(error)
-    return True
+#: the settings checked together (compression matters only without guided_steps)
+_CHECKS = (CrossRule(validate_compress_guidance, ("compression", "guided_steps", "skew", "mode")),)
 
 
 def _policy(compression: float, guided_steps: int, skew: float, mode: str) -> CompressGuidance:
@@ -79,11 +71,12 @@ class CompressGuidanceNode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, compression=None, guided_steps=None, skew=None, mode=None) -> bool | str:
-        return _validate(compression, guided_steps, skew, mode)
+    def validate_inputs(cls, **values) -> bool | str:
+        return validate(cls, values, *_CHECKS)
 
     @classmethod
     def execute(cls, model, compression: float, guided_steps: int, skew: float, mode: str) -> io.NodeOutput:
+        check_inputs(cls, locals(), *_CHECKS)
         policy = _policy(compression, guided_steps, skew, mode)
         return io.NodeOutput(install_policy(model, policy, cls.hidden.unique_id))
 
@@ -104,11 +97,12 @@ class CompressGuiderNode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, compression=None, guided_steps=None, skew=None, mode=None) -> bool | str:
-        return _validate(compression, guided_steps, skew, mode)
+    def validate_inputs(cls, **values) -> bool | str:
+        return validate(cls, values, *_CHECKS)
 
     @classmethod
     def execute(cls, model, positive, negative, cfg: float, compression: float, guided_steps: int, skew: float,
                 mode: str) -> io.NodeOutput:
+        check_inputs(cls, locals(), *_CHECKS)
         policy = _policy(compression, guided_steps, skew, mode)
         return io.NodeOutput(cfg_guider(model, positive, negative, cfg, policy, cls.hidden.unique_id))

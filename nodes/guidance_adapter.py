@@ -19,7 +19,7 @@ import torch
 from comfy_api.latest import io
 
 from ..fastguidance.adapter_training import (DistillationTrainer, TrainingSettings, TrajectoryStore, format_bytes,
-                                             train_on_store, trajectory_bytes)
+                                             require_room_for_trajectories, train_on_store, trajectory_bytes)
 from ..fastguidance.adapters import ADAPTER_KINDS, AdapterSpec, GuidanceAdapters, load_adapters, save_adapters
 from ..fastguidance.errors import FastGuidanceError, InvalidInputError
 from ..fastguidance.guidance import noise_of
@@ -28,6 +28,7 @@ from .adapter_patch import (BOUND_KEY, attach, attach_points, bind_adapters, dif
                             host_training_mode, install_adapters, is_dit, saved_activations_copied, trainable_weights,
                             warn_outside_range)
 from .trainers import curve_image, prompt_lines
+from .validation import FILE_NAME, CrossRule, FileInput, check_inputs, validate
 from .model_identity import model_architecture, model_fingerprint, require_same_model
 
 log = logging.getLogger("fastguidance")
@@ -68,8 +69,13 @@ class LoadGuidanceAdapterNode(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, **values) -> bool | str:
+        return validate(cls, values, *_LOAD_CHECKS)
+
+    @classmethod
     def execute(cls, model, adapter: str, use_sampler_cfg: bool, guidance_scale: float, strength: float,
                 allow_other_model: bool = False) -> io.NodeOutput:
+        check_inputs(cls, locals(), *_LOAD_CHECKS)
         path = model_folders.existing_file(model_folders.ADAPTERS, adapter, "adapter",
                                            "train adapters with Train Guidance Adapter")
         adapters, metadata = load_adapters(path)
@@ -202,21 +208,16 @@ class TrainGuidanceAdapterNode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, prompts=None, filename=None, omega_min=None, omega_max=None, adapter_width=None,
-                        kind=None) -> bool | str:
-        try:
-            _check_inputs(prompts, filename, omega_min, omega_max, adapter_width, kind)
-        except InvalidInputError as error:
-            return str(error)
-        return True
+    def validate_inputs(cls, **values) -> bool | str:
+        return validate(cls, values, *_TRAIN_CHECKS)
 
     @classmethod
     def execute(cls, model, clip, prompts: str, negative: str, omega_min: float, omega_max: float, trajectories: int,
                 steps: int, sampler_name: str, scheduler: str, width: int, height: int, train_steps: int, batch: int,
                 learning_rate: float, kind: str, adapter_width: int, seed: int, filename: str, overwrite: bool,
                 resume: bool) -> io.NodeOutput:
+        check_inputs(cls, locals(), *_TRAIN_CHECKS)
         began = time.perf_counter()
-        _check_inputs(prompts, filename, omega_min, omega_max, adapter_width, kind)
         if has_adapters(model):
             raise InvalidInputError("model", "has guidance adapters", "connect the model without Load Guidance Adapter")
         points = attach_points(model)
@@ -232,6 +233,7 @@ class TrainGuidanceAdapterNode(io.ComfyNode):
         latent_format = model.get_model_object("latent_format")
         sample_shape = (latent_format.latent_channels, height // 8, width // 8)
         estimate = trajectory_bytes(trajectories * steps, sample_shape)
+        require_room_for_trajectories(trajectories * steps, sample_shape, "trajectories", trajectories)
         _show(node_id, f"Recording {trajectories} CFG trajectories × {steps} steps: about {format_bytes(estimate)} of "
                        f"training data ({'on disk' if estimate > (1 << 30) else 'in memory'}), then {train_steps} "
                        "training steps.")
@@ -278,16 +280,19 @@ class TrainGuidanceAdapterNode(io.ComfyNode):
                                          f"final {info['final_loss']:.4f}", x_label="step"), report)
 
 
-def _check_inputs(prompts, filename, omega_min, omega_max, adapter_width, kind) -> None:
-    """The checks of inputs the graph can be validated on before running (``None`` = not known yet)."""
-    if prompts is not None:
-        prompt_lines(prompts)
-    if filename is not None:
-        model_folders.file_name(filename)
-    if omega_min is not None and omega_max is not None and omega_min > omega_max:
+def _omega_order(omega_min: float, omega_max: float) -> None:
+    if omega_min > omega_max:
         raise InvalidInputError("omega_min", omega_min, f"use a value no larger than omega_max ({omega_max})")
-    if adapter_width is not None and kind == "cross_attention" and adapter_width % 4:
+
+
+def _adapter_width_fits(adapter_width: int, kind: str) -> None:
+    if kind == "cross_attention" and adapter_width % 4:
         raise InvalidInputError("adapter_width", adapter_width, "use a multiple of 4 (the adapters' heads)")
+
+
+_LOAD_CHECKS = (FileInput("adapter", model_folders.ADAPTERS, "train adapters with Train Guidance Adapter", load_adapters),)
+_TRAIN_CHECKS = (FILE_NAME, CrossRule(prompt_lines, ("prompts",)), CrossRule(_omega_order, ("omega_min", "omega_max")),
+                 CrossRule(_adapter_width_fits, ("adapter_width", "kind")))
 
 
 def _show(node_id: str | None, text: str) -> None:

@@ -19,6 +19,7 @@ from ..fastguidance.policies.linear_ag import (MAX_WINDOW, POLICY_MODES, LinearA
                                                validate_linear_ag_calibration)
 from . import model_folders, page_messages
 from .engine_patch import install_policy
+from .validation import FILE_NAME, CrossRule, FileInput, check_inputs, validate
 from .model_identity import model_architecture, model_fingerprint
 
 log = logging.getLogger("fastguidance")
@@ -37,6 +38,12 @@ def calibration_report(coefficients: LinearAGCoefficients, path: str, seconds: f
     for call, (step, error) in enumerate(coefficients.error_by_step()):
         lines.append(f"  call {call:3d} step {step:3d}: " + ("n/a" if math.isnan(error) else f"{error:.3f}"))
     return "\n".join(lines)
+
+
+_CALIBRATE_CHECKS = (FILE_NAME, CrossRule(validate_linear_ag_calibration, ("window", "regularization")))
+_POLICY_CHECKS = (FileInput("coefficients", model_folders.LINEAR_AG, "make one with LinearAG Calibrate",
+                            LinearAGCoefficients.load),
+                  CrossRule(validate_linear_ag, ("mode", "after_step", "error_bound")))
 
 
 class LinearAGCalibrateNode(io.ComfyNode):
@@ -85,23 +92,17 @@ class LinearAGCalibrateNode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, window=None, regularization=None, filename=None) -> bool | str:
-        try:
-            validate_linear_ag_calibration(2 if window is None else window,
-                                           1e-3 if regularization is None else regularization)
-            if filename is not None:
-                model_folders.file_name(filename)
-        except InvalidInputError as error:
-            return str(error)
-        return True
+    def validate_inputs(cls, **values) -> bool | str:
+        return validate(cls, values, *_CALIBRATE_CHECKS)
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed: int, runs: int, sampler_name: str,
                 scheduler: str, steps: int, cfg: float, window: int, regularization: float, filename: str,
                 overwrite: bool) -> io.NodeOutput:
-        path = model_folders.new_file(model_folders.LINEAR_AG, filename, overwrite)
+        check_inputs(cls, locals(), *_CALIBRATE_CHECKS)
         latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
         validate_linear_ag_calibration(window, regularization, runs * latent.shape[0])
+        path = model_folders.new_file(model_folders.LINEAR_AG, filename, overwrite)
         calibration = LinearAGCalibration(window)
         recording = install_policy(model, calibration.policy(), None)
         progress = comfy.utils.ProgressBar(runs * steps, node_id=cls.hidden.unique_id)
@@ -161,17 +162,13 @@ class LinearAGNode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, mode=None, after_step=None, error_bound=None) -> bool | str:
-        try:
-            validate_linear_ag(mode or _DEFAULT_POLICY[0], _DEFAULT_POLICY[1] if after_step is None else after_step,
-                               _DEFAULT_POLICY[2] if error_bound is None else error_bound)
-        except InvalidInputError as error:
-            return str(error)
-        return True
+    def validate_inputs(cls, **values) -> bool | str:
+        return validate(cls, values, *_POLICY_CHECKS)
 
     @classmethod
     def execute(cls, model, coefficients: str, mode: str, after_step: int, error_bound: float,
                 interpolate_sigmas: bool) -> io.NodeOutput:
+        check_inputs(cls, locals(), *_POLICY_CHECKS)
         path = model_folders.existing_file(model_folders.LINEAR_AG, coefficients, "coefficients",
                                            "make one with LinearAG Calibrate")
         table = LinearAGCoefficients.load(path)

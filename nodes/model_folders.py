@@ -11,23 +11,13 @@ import os
 import folder_paths
 
 from ..fastguidance.errors import InvalidInputError
+from ..fastguidance.validation import portable_file_name
 
 LINEAR_AG = "fastguidance_linear_ag"
 ADAPTERS = "fastguidance_adapters"
 STEP_PREDICTORS = "fastguidance_step_predictors"
 PRESETS = "fastguidance_presets"
 EXTENSIONS = {".safetensors"}
-
-
-def file_name(name: str) -> str:
-    """A user's ``filename`` input as a file of a pack folder (``.safetensors`` added), or an error naming it."""
-    stem = name.strip()
-    if stem.endswith(".safetensors"):
-        stem = stem[: -len(".safetensors")]
-    if not stem or any(char in stem for char in '/\\:*?"<>|') or stem.startswith("."):
-        raise InvalidInputError("filename", name, "use a plain file name without folders or the characters "
-                                                  '/ \\ : * ? " < > |, e.g. "sd15_dpmpp_2m_karras_20"')
-    return stem + ".safetensors"
 
 
 def register(name: str) -> None:
@@ -61,7 +51,7 @@ def new_file(name: str, filename: str, overwrite: bool) -> str:
 
     An existing file of that name, in any configured folder, is refused unless ``overwrite``.
     """
-    stem = file_name(filename)
+    stem = portable_file_name(filename)
     register(name)
     if not overwrite and folder_paths.get_full_path(name, stem) is not None:
         raise InvalidInputError("filename", filename, f"{stem} already exists in models/{name}: "

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
 
 import comfy.model_management
 import comfy.patcher_extension
@@ -25,15 +24,15 @@ from comfy_api.latest import io, ui
 
 from ..fastguidance.engine import GuidanceRun
 from ..fastguidance.errors import FastGuidanceError, InvalidInputError
-from ..fastguidance.validation import require_number
 from ..fastguidance.policies.linear_ag import LinearAG, LinearAGCoefficients, ScheduleMismatchError
 from ..fastguidance.report import tradeoff_chart
 from ..fastguidance.tune import (DEFAULT_TARGET, MAX_TARGET, MIN_TARGET, TuneResult, adaptive_guidance_method,
                                  bisection_trials, compress_guidance_method, linear_ag_method, load_preset,
-                                 policy_from_settings, preset_mismatch, save_preset, tune, validate_target)
+                                 policy_from_settings, preset_mismatch, save_preset, tune)
 from . import model_folders, page_messages
 from .engine_patch import ENGINE_KEY, RUN_OBSERVER_KEY, install_policy
 from .model_identity import model_architecture, model_fingerprint
+from .validation import FILE_NAME, CrossRule, FileInput, check_inputs, validate
 
 log = logging.getLogger("fastguidance")
 
@@ -93,35 +92,22 @@ class _ScheduleCheck:
         return executor(*args, **kwargs)
 
 
-def _validate(target=None, steps=None, cfg=None, filename=None, tune_ag=None, tune_compg=None,
-              linear_ag_calibration=None) -> None:
-    """The Tune node's inputs (those known before the run): raises :class:`InvalidInputError`."""
-    if target is not None:
-        validate_target(target)
-    if steps is not None:
-        require_number("steps", steps, MIN_STEPS, MAX_STEPS, f"use a whole number of steps from {MIN_STEPS} to "
-                                                           f"{MAX_STEPS}, the one you generate with", integer=True)
-    if cfg is not None:
-        require_number("cfg", cfg, 0.0, MAX_CFG, f"use the CFG scale you generate with, 0 to {MAX_CFG:g}")
-        if cfg == 1.0:
-            raise InvalidInputError("cfg", cfg, "at cfg 1 the negative prompt is never evaluated, so there is nothing "
-                                                "to make cheaper: use the CFG scale you generate with (e.g. 7)")
-    if filename is not None:
-        if not isinstance(filename, str):
-            raise InvalidInputError("filename", filename, "write a file name, e.g. sd15_euler_20")
-        model_folders.file_name(filename)
-    for name, value in (("tune_ag", tune_ag), ("tune_compg", tune_compg)):
-        if value is not None and not isinstance(value, bool):
-            raise InvalidInputError(name, value, "use true or false")
-    if linear_ag_calibration is not None:
-        choices = [NO_CALIBRATION] + model_folders.files(model_folders.LINEAR_AG)
-        if linear_ag_calibration not in choices:
-            raise InvalidInputError("linear_ag_calibration", linear_ag_calibration,
-                                    f"pick one of {', '.join(choices)} (files in models/{model_folders.LINEAR_AG}/, "
-                                    "made by LinearAG Calibrate)")
-    if tune_ag is False and tune_compg is False and linear_ag_calibration == NO_CALIBRATION:
+def _cfg_guides(cfg: float) -> None:
+    if cfg == 1.0:
+        raise InvalidInputError("cfg", cfg, "at cfg 1 the negative prompt is never evaluated, so there is nothing "
+                                            "to make cheaper: use the CFG scale you generate with (e.g. 7)")
+
+
+def _some_method(tune_ag: bool, tune_compg: bool, linear_ag_calibration: str) -> None:
+    if not tune_ag and not tune_compg and linear_ag_calibration == NO_CALIBRATION:
         raise InvalidInputError("tune_ag", False, "turn on tune_ag or tune_compg, or pick a linear_ag_calibration: "
                                                   "there is no method to tune")
+
+
+_TUNE_CHECKS = (FILE_NAME, CrossRule(_cfg_guides, ("cfg",)),
+                FileInput("linear_ag_calibration", model_folders.LINEAR_AG, "made by LinearAG Calibrate",
+                          LinearAGCoefficients.load, other_choices=(NO_CALIBRATION,)),
+                CrossRule(_some_method, ("tune_ag", "tune_compg", "linear_ag_calibration")))
 
 
 def _load_calibration(model, name: str, steps: int, sampler_name: str, scheduler: str) -> LinearAGCoefficients:
@@ -293,19 +279,14 @@ class TuneNode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, target=None, steps=None, cfg=None, filename=None, tune_ag=None, tune_compg=None,
-                        linear_ag_calibration=None) -> bool | str:
-        try:
-            _validate(target, steps, cfg, filename, tune_ag, tune_compg, linear_ag_calibration)
-        except InvalidInputError as error:
-            return str(error)
-        return True
+    def validate_inputs(cls, **values) -> bool | str:
+        return validate(cls, values, *_TUNE_CHECKS)
 
     @classmethod
     def execute(cls, model, positive, negative, latent, seed: int, sampler_name: str, scheduler: str, steps: int,
                 cfg: float, target: float, tune_ag: bool, tune_compg: bool, filename: str, overwrite: bool,
                 linear_ag_calibration: str = NO_CALIBRATION, vae=None) -> io.NodeOutput:
-        _validate(target, steps, cfg, filename, tune_ag, tune_compg, linear_ag_calibration)
+        check_inputs(cls, locals(), *_TUNE_CHECKS)
         if model.model_options.get("transformer_options", {}).get(ENGINE_KEY) is not None:
             raise InvalidInputError("model", "a model with a FastGuidance patch",
                                     "connect the model before any FastGuidance node: Tune compares against plain CFG "
@@ -359,6 +340,9 @@ def preset_summary(name: str, metadata: dict) -> str:
     return f"{name}: {metadata['method']} {settings}{saving}; {made_for}"
 
 
+_PRESET_CHECKS = (FileInput("preset", model_folders.PRESETS, "make one with FastGuidance Tune", load_preset),)
+
+
 class LoadPresetNode(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -388,7 +372,12 @@ class LoadPresetNode(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, **values) -> bool | str:
+        return validate(cls, values, *_PRESET_CHECKS)
+
+    @classmethod
     def execute(cls, model, preset: str, allow_other_model: bool, allow_other_schedule: bool) -> io.NodeOutput:
+        check_inputs(cls, locals(), *_PRESET_CHECKS)
         path = model_folders.existing_file(model_folders.PRESETS, preset, "preset", "make one with FastGuidance Tune")
         metadata = load_preset(path)
         mismatch = preset_mismatch(metadata, model_fingerprint(model), {})

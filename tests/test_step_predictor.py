@@ -88,7 +88,7 @@ def test_file_round_trip_and_refusals(tmp_path):
     broken = save_tensor_file(tmp_path / "broken.safetensors", {"x": torch.zeros(1)},
                               {"format": "fastguidance.step_predictor", "version": 1, "feature_dim": 8,
                                "options": [10, 20], "hidden": 16})
-    with pytest.raises(FastGuidanceError, match="missing or mismatched"):
+    with pytest.raises(FastGuidanceError, match="tensors do not match its metadata"):
         load_step_predictor(broken)
 
 

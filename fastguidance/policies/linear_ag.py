@@ -40,8 +40,8 @@ from typing import Any, Sequence
 import torch
 
 from ..engine import Action, GuidancePolicy, GuidanceRun, StepContext
-from ..errors import FastGuidanceError, InvalidInputError
-from ..tensorfile import load_tensor_file, save_tensor_file
+from ..errors import FastGuidanceError, InvalidInputError, TensorFileError
+from ..tensorfile import interpreting, load_tensor_file, save_tensor_file
 
 FORMAT = "fastguidance.linear_ag"
 FORMAT_VERSION = 1
@@ -248,18 +248,27 @@ class LinearAGCoefficients:
     @classmethod
     def load(cls, path: str | Path) -> "LinearAGCoefficients":
         tensors, metadata = load_tensor_file(path, FORMAT, FORMAT_VERSION,
-                                             "calibrate one with FastGuidance_LinearAGCalibrate")
+                                             "calibrate one with FastGuidance_LinearAGCalibrate",
+                                             may_hold_nan=("held_out_error",))
         expected = {"coefficients", "call_sigmas", "call_steps", "schedule", "held_out_error"}
-        if set(tensors) != expected or "window" not in metadata:
-            raise FastGuidanceError(f"{path} is a LinearAG file with missing parts ({sorted(tensors)}): calibrate it again")
-        calls, size = tensors["coefficients"].shape
-        if size != len(regressor_names(int(metadata["window"]))) or any(
-                tensors[name].shape[0] != calls for name in ("call_sigmas", "call_steps", "held_out_error")):
-            raise FastGuidanceError(f"{path} has inconsistent shapes: calibrate it again")
-        info = {k: v for k, v in metadata.items() if k not in ("format", "version", "method", "steps", "schedule",
-                                                               "error_per_call")}
-        return cls(tensors["coefficients"].float(), tensors["call_sigmas"].double(), tensors["call_steps"].long(),
-                   tensors["schedule"].double(), tensors["held_out_error"].float(), info)
+        window = metadata.get("window")
+        if set(tensors) != expected or not isinstance(window, int) or isinstance(window, bool) \
+                or not 1 <= window <= MAX_WINDOW:
+            raise TensorFileError(f"{path} is a LinearAG file with missing parts (tensors {sorted(tensors)}, window "
+                                  f"{window!r}): calibrate it again")
+        with interpreting(path, "LinearAG calibration"):
+            calls, size = tensors["coefficients"].shape
+            vectors = ("call_sigmas", "call_steps", "held_out_error", "schedule")
+            if size != len(regressor_names(window)) or calls < 1 or any(tensors[name].dim() != 1 for name in vectors) \
+                    or any(tensors[name].shape[0] != calls for name in vectors[:3]) or tensors["schedule"].shape[0] < 2:
+                raise TensorFileError(f"{path} has inconsistent shapes: calibrate it again")
+            steps = tensors["call_steps"]
+            if steps.is_floating_point() or int(steps.min()) < 0 or int(steps.max()) >= tensors["schedule"].shape[0]:
+                raise TensorFileError(f"{path} names steps outside its schedule: calibrate it again")
+            info = {k: v for k, v in metadata.items() if k not in ("format", "version", "method", "steps", "schedule",
+                                                                   "error_per_call")}
+            return cls(tensors["coefficients"].float(), tensors["call_sigmas"].double(), steps.long(),
+                       tensors["schedule"].double(), tensors["held_out_error"].float(), info)
 
 
 def _same_schedule(first: Sequence[float], second: Sequence[float]) -> bool:

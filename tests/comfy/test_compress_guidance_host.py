@@ -269,7 +269,8 @@ def test_validate_inputs_names_the_input(host, node_id):
     assert node.validate_inputs() is True  # every input fed by a link: nothing to check yet
     message = node.validate_inputs(compression=0.5, guided_steps=0, skew=2.0, mode="reuse")
     assert isinstance(message, str) and message.startswith("compression = 0.5 is not valid")
-    assert node.validate_inputs(compression=0.5, guided_steps=4) is True  # compression unused
+    # the tooltip's range is the contract, also where guided_steps makes compression unused
+    assert node.validate_inputs(compression=0.5, guided_steps=4).startswith("compression = 0.5 is not valid: use a number from 1 to 100")
     assert "guided_steps" in node.validate_inputs(guided_steps=-2)
     assert node.validate_inputs(skew=0.0).startswith("skew = 0.0")
     assert "mode" in node.validate_inputs(mode="zeros")
