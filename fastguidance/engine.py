@@ -100,9 +100,10 @@ class CallRecord:
     step: int
     sigma: float
     actions: tuple[Action, ...]
-    evaluations: int  # batch evaluations spent: 2 with the uncond, 1 without
+    evaluations: int  # batch evaluations spent: 2 with the uncond, 1 without, less what a cache answered
     cosine: list[float | None] | None = None  # per sample, where measured (FULL samples only)
     guidance_weight: float = 1.0  # w of FULL samples (module docstring); 1 = plain CFG
+    cached: int = 0  # batch evaluations of this call a step cache answered instead of the model (:meth:`GuidanceRun.served_from_cache`)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -113,20 +114,30 @@ class CallRecord:
             "evaluations": self.evaluations,
             "cosine": self.cosine,
             "guidance_weight": self.guidance_weight,
+            "cached": self.cached,
         }
 
 
 @dataclass(frozen=True)
 class RunSummary:
-    """Counts of a finished run. Evaluations are batch evaluations: CFG spends 2 per model call."""
+    """Counts of a finished run. Evaluations are batch evaluations: CFG spends 2 per model call.
+
+    With a step cache on the model (ComfyUI's EasyCache, LazyCache: :meth:`GuidanceRun.served_from_cache`),
+    ``evaluations`` are those the model really ran, ``cached`` those the cache answered instead (inside
+    the engine's calls, and 2 for each of the ``cache_calls`` sampler calls the cache answered before
+    the engine saw them), and plain CFG's count includes those calls.
+    """
 
     calls: int
     uncond_skipped: int
     evaluations: int
+    cached: int = 0
+    cache_calls: int = 0
+    cache_name: str = ""
 
     @property
     def cfg_evaluations(self) -> int:
-        return 2 * self.calls
+        return 2 * (self.calls + self.cache_calls)
 
     @property
     def speedup(self) -> float:
@@ -134,8 +145,9 @@ class RunSummary:
         return self.cfg_evaluations / self.evaluations if self.evaluations else 1.0
 
     def text(self, label: str = "FastGuidance") -> str:
+        cache = f", {self.cache_name or 'a step cache'} answered {self.cached} more" if self.cached else ""
         return (
-            f"{label}: {self.uncond_skipped}/{self.calls} uncond evaluations skipped, "
+            f"{label}: {self.uncond_skipped}/{self.calls} uncond evaluations skipped{cache}, "
             f"{self.speedup:.2f}x fewer model evaluations ({self.evaluations} of {self.cfg_evaluations})"
         )
 
@@ -146,6 +158,9 @@ class RunSummary:
             "evaluations": self.evaluations,
             "cfg_evaluations": self.cfg_evaluations,
             "speedup": self.speedup,
+            "cached": self.cached,
+            "cache_calls": self.cache_calls,
+            "cache_name": self.cache_name,
         }
 
 
@@ -184,6 +199,14 @@ class GuidancePolicy:
     def guidance_weight(self, state: Any, context: StepContext) -> float | None:
         """Weight ``w`` of the guidance of this call's FULL samples (module docstring); ``None`` = 1."""
         return None
+
+    def may_skip_uncond(self, state: Any) -> bool:
+        """Whether this run of the policy may still propose an action other than FULL (default: yes).
+
+        ``False`` for settings that keep plain CFG (AG above threshold 1, CompG guiding every step): a
+        host then leaves the model's calls exactly as without the engine (a step cache beside it decides
+        as it does alone; ComfyUI's EasyCache, ``nodes/engine_patch.py``)."""
+        return True
 
     def observe(self, state: Any, context: StepContext, x: torch.Tensor, cond: torch.Tensor,
                 uncond: torch.Tensor, full: Sequence[bool]) -> None:
@@ -293,6 +316,8 @@ class GuidanceRun:
         self._unread_sigmas: list[tuple[CallRecord, torch.Tensor]] = []  # calls that read nothing
         self._masks: dict[tuple, torch.Tensor] = {}  # per-sample masks on the device, per flags/device/rank
         self._states = [policy.start(self) for policy in self.policies]
+        self._cache_calls = 0  # sampler calls a step cache answered before they reached the engine
+        self._cache_name = ""
 
     # -- per model call -------------------------------------------------------------------------
 
@@ -349,6 +374,24 @@ class GuidanceRun:
             return weighted
         return torch.where(self._sample_mask(full, cond), weighted, uncond_hat)
 
+    def served_from_cache(self, evaluations: int, calls: int = 0, cache_name: str = "") -> None:
+        """A step cache beside the engine answered some model evaluations instead of the model.
+
+        ``evaluations``: batch evaluations of the last recorded call (:meth:`complete`) that the cache
+        answered (EasyCache returns a step's prediction from its cache inside the model call: 1 or 2);
+        ``calls``: sampler calls the cache answered whole before they reached the engine (LazyCache),
+        counted at 2 evaluations each, as plain CFG would spend. The host measures both; the summary
+        then counts what the model really ran and what each of the two saved.
+        """
+        if evaluations:
+            record = self.records[-1]
+            served = min(int(evaluations), record.evaluations)
+            record.evaluations -= served
+            record.cached += served
+        self._cache_calls += int(calls)
+        if cache_name:
+            self._cache_name = cache_name
+
     # -- end of run -----------------------------------------------------------------------------
 
     def finish(self) -> RunSummary:
@@ -363,9 +406,16 @@ class GuidanceRun:
     def summary(self) -> RunSummary:
         return RunSummary(
             calls=len(self.records),
-            uncond_skipped=sum(1 for record in self.records if record.evaluations == 1),
+            uncond_skipped=sum(1 for record in self.records if record.evaluations + record.cached == 1),
             evaluations=sum(record.evaluations for record in self.records),
+            cached=sum(record.cached for record in self.records) + 2 * self._cache_calls,
+            cache_calls=self._cache_calls,
+            cache_name=self._cache_name,
         )
+
+    def may_skip_uncond(self) -> bool:
+        """Whether a later call of this run may skip the uncond (:meth:`GuidancePolicy.may_skip_uncond`)."""
+        return any(policy.may_skip_uncond(state) for policy, state in zip(self.policies, self._states))
 
     def advice(self) -> list[str]:
         """Every policy's :meth:`GuidancePolicy.advice` for this run (call after :meth:`finish`)."""

@@ -15,6 +15,7 @@ const MIN_WIDTH = 300;
 const MARGIN = 10;
 const ADVICE_LINE = 13; // px per line of a run's advice (AG cut at its first step, or never)
 const ADVICE_CHARS = 52; // characters per advice line at the chart's minimum width
+const CACHED_COLOR = "#cccccc"; // bar under calls a step cache answered
 
 function findNode(id) {
   const graph = app.graph;
@@ -99,6 +100,7 @@ function drawChart(ctx, node, chart) {
   // action strip: one row per sample (the first few of a large batch)
   const cell = width / chart.calls.length;
   const rowHeight = Math.max(4, Math.min(9, 28 / chart.rows));
+  const stripTop = y;
   for (let row = 0; row < chart.rows; row++) {
     chart.calls.forEach((call, index) => {
       ctx.fillStyle = ACTION_COLORS[call.actions[row]] || "#777";
@@ -106,6 +108,14 @@ function drawChart(ctx, node, chart) {
     });
     y += rowHeight;
   }
+  // calls a step cache (EasyCache) answered without the model: dimmed, with a bar under them
+  chart.calls.forEach((call, index) => {
+    if (!call.cached) return;
+    ctx.fillStyle = "rgba(20, 20, 20, 0.55)";
+    ctx.fillRect(left + index * cell, stripTop, Math.max(1, cell - 1), y - stripTop - 1);
+    ctx.fillStyle = CACHED_COLOR;
+    ctx.fillRect(left + index * cell, y, Math.max(1, cell - 1), 2);
+  });
   if (chart.batch > chart.rows) {
     ctx.fillStyle = "#888";
     ctx.fillText(`first ${chart.rows} of ${chart.batch} images`, left, y + 6);
@@ -122,6 +132,12 @@ function drawChart(ctx, node, chart) {
     const label = ACTION_LABELS[action] || action;
     ctx.fillText(label, x + 11, y);
     x += 18 + ctx.measureText(label).width;
+  }
+  if (chart.hasCached) {
+    ctx.fillStyle = CACHED_COLOR;
+    ctx.fillRect(x, y - 1, 8, 2);
+    ctx.fillStyle = "#ccc";
+    ctx.fillText("from cache", x + 11, y);
   }
   y += 12;
 

@@ -55,11 +55,16 @@ export function meanOf(values) {
   return finite.length ? finite.reduce((a, b) => a + b, 0) / finite.length : null;
 }
 
-/** "model evaluations: 38 of 60 (1.58× fewer)" from a run summary (batch evaluations). */
+/**
+ * "model evaluations: 38 of 60 (1.58× fewer)" from a run summary (batch evaluations); beside a step
+ * cache (EasyCache, LazyCache) the evaluations it answered are named: "… (2.50× fewer; EasyCache answered 4)".
+ */
 export function summaryLine(summary) {
   if (!summary || !isNumber(summary.evaluations) || !isNumber(summary.cfg_evaluations)) return "";
   const speedup = summary.evaluations > 0 ? summary.cfg_evaluations / summary.evaluations : 1;
-  return `model evaluations: ${summary.evaluations} of ${summary.cfg_evaluations} (${speedup.toFixed(2)}× fewer)`;
+  const cache = isNumber(summary.cached) && summary.cached > 0
+    ? `; ${summary.cache_name || "a step cache"} answered ${summary.cached}` : "";
+  return `model evaluations: ${summary.evaluations} of ${summary.cfg_evaluations} (${speedup.toFixed(2)}× fewer${cache})`;
 }
 
 /** The AG threshold of the run, if an Adaptive Guidance policy took part (for the dashed line). */
@@ -85,6 +90,7 @@ export function shapeRun(detail) {
       sigma: record.sigma,
       actions: Array.from({ length: rows }, (_, sample) => actions[sample] in ACTION_COLORS ? actions[sample] : "full"),
       cosine: meanOf(record.cosine),
+      cached: isNumber(record.cached) && record.cached > 0, // a step cache answered this call's evaluations
     };
   });
   const present = new Set(calls.flatMap((call) => call.actions));
@@ -97,6 +103,7 @@ export function shapeRun(detail) {
     calls,
     legend: Object.keys(ACTION_COLORS).filter((action) => present.has(action)),
     hasCosine: calls.some((call) => call.cosine !== null),
+    hasCached: calls.some((call) => call.cached),
     advice: (Array.isArray(detail.advice) ? detail.advice : []).filter((text) => typeof text === "string" && text),
   };
 }

@@ -111,6 +111,9 @@ class AdaptiveGuidance(GuidancePolicy):
             return None
         return [self._cutoff_action if latched else Action.FULL for latched in state.latched]
 
+    def may_skip_uncond(self, state: _RunState) -> bool:
+        return self.threshold <= 1.0  # cosines never exceed 1: above it AG is plain CFG
+
     def measured(self, state: _RunState, record: CallRecord, cosine: list[float | None]) -> None:
         if not state.in_window(record.sigma):
             return

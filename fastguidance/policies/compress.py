@@ -101,6 +101,7 @@ def compression_weights(schedule: Sequence[float], guided: list[int], weighting:
 class _RunState:
     guided: frozenset[int]
     weights: dict[int, float]
+    total_steps: int
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,7 @@ class CompressGuidance(GuidancePolicy):
         count = guided_step_count(run.total_steps, self.guided_steps, self.compression)
         guided = guided_step_indices(run.total_steps, count, self.skew)
         weights = compression_weights(run.schedule, guided, self.weighting) if self.mode == "compress" else {}
-        return _RunState(frozenset(guided), weights)
+        return _RunState(frozenset(guided), weights, run.total_steps)
 
     def propose(self, state: _RunState, context: StepContext) -> Action | None:
         if context.step in state.guided:
@@ -142,6 +143,9 @@ class CompressGuidance(GuidancePolicy):
 
     def guidance_weight(self, state: _RunState, context: StepContext) -> float | None:
         return state.weights.get(context.step)
+
+    def may_skip_uncond(self, state: _RunState) -> bool:
+        return len(state.guided) < state.total_steps  # compression 1 guides every step: plain CFG
 
     def describe(self) -> dict[str, Any]:
         return {"method": self.name, "compression": self.compression, "guided_steps": self.guided_steps,

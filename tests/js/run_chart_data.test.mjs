@@ -27,6 +27,21 @@ test("summary line says evaluations spent, of CFG's, and the ratio", () => {
   assert.equal(summaryLine(undefined), "");
 });
 
+test("beside a step cache the summary names what the cache answered, and the calls it answered are marked", () => {
+  assert.equal(summaryLine({ evaluations: 8, cfg_evaluations: 20, cached: 4, cache_name: "EasyCache" }),
+    "model evaluations: 8 of 20 (2.50× fewer; EasyCache answered 4)");
+  assert.equal(summaryLine({ evaluations: 8, cfg_evaluations: 20, cached: 0, cache_name: "" }),
+    "model evaluations: 8 of 20 (2.50× fewer)");
+  const records = [
+    { call: 0, step: 0, actions: ["full"], evaluations: 2, cached: 0, cosine: null },
+    { call: 1, step: 1, actions: ["full"], evaluations: 0, cached: 2, cosine: null },
+  ];
+  const chart = shapeRun({ batch_size: 1, records });
+  assert.deepEqual(chart.calls.map((call) => call.cached), [false, true]);
+  assert.equal(chart.hasCached, true);
+  assert.equal(shapeRun(run).hasCached, false);
+});
+
 test("a run is shaped per model call with mean cosines, actions per sample and a legend", () => {
   const chart = shapeRun(run);
   assert.equal(chart.methods, "ag+compg");
