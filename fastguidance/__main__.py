@@ -1,21 +1,26 @@
-"""Command line: ``python -m fastguidance bench [options]`` (see ``--help``)."""
+"""Command line: ``python -m fastguidance bench [options]`` (see ``--help``).
+
+Every option is checked before any sampling; a refusal is one line naming the option and the fix
+(:mod:`fastguidance.cli`), never a traceback.
+"""
 
 from __future__ import annotations
 
-import argparse
-
 from . import bench
+from .cli import CommandLineParser, run_refusing_in_one_line
+
+PROG = "python -m fastguidance"
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m fastguidance", description="FastGuidance tools")
-    commands = parser.add_subparsers(dest="command", required=True)
-    bench_parser = commands.add_parser("bench", help="every method against CFG on the bundled reference model",
-                                       description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandLineParser(prog=PROG, description="FastGuidance tools")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=CommandLineParser)
+    bench_parser = commands.add_parser("bench", help="every method against CFG and a CFG window on the bundled "
+                                                     "reference model", description=bench.__doc__)
     bench.add_arguments(bench_parser)
     options = parser.parse_args(argv)
     if options.command == "bench":
-        bench.main(options)
+        run_refusing_in_one_line(f"{PROG} bench", lambda: bench.main(options))
 
 
 if __name__ == "__main__":

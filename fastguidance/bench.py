@@ -1,11 +1,23 @@
-"""``python -m fastguidance bench``: every method against CFG on the bundled reference model.
+"""``python -m fastguidance bench``: every method against CFG and against a fixed CFG window, on the
+bundled reference model.
 
 Same prompts (training combinations and held-out ones), same seeds, one run. Per method variant:
 model evaluations per image, wall time and speed-up over CFG, SSIM and PSNR to the CFG image of the
 same seed (kornia), adherence (the independent classifier's share of the prompt's attributes seen
 in the image) and a Fréchet distance to real renders of the same prompts (classifier features).
-Writes ``bench.json``, ``grid.png`` and ``plot.png`` to the output folder and a table to stdout.
 
+**Baselines at matched cost.** After the methods have run, the bench samples the fixed CFG window
+(:class:`~fastguidance.policies.CFGWindow`: guided for the first ``f`` of the steps, cond only
+after) at every evaluation count the rows reached (``f = (E − N)/N``, ``E`` rounded), and compares
+each row with the window of its own cost. Rows cheaper than ``N`` evaluations (or dearer than
+``2N``) have no window at the bench's step count.
+
+**Error bars.** Paired bootstrap over prompts (:mod:`fastguidance.metrics`): the same resampled
+prompt sets (seeded) for every row, 95% intervals for adherence and SSIM to CFG (percentile) and the
+Fréchet distance (basic: its resamples are biased upwards), and for their differences to CFG and to
+the matched window. A difference is *real* only where its interval excludes zero.
+
+Writes ``bench.json``, ``grid.png`` and ``plot.png`` to the output folder and a table to stdout.
 ``model_evals`` counts what each image needed (2 per step while guided, 1 after): results do not
 depend on the batch, so it is what a batch-of-one run spends. ``seconds`` is measured on batches
 (``--batch``), where the uncond is skipped only once every image of the batch may skip it.
@@ -21,18 +33,23 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TextIO
 
 import torch
 
-from .bench_methods import BenchContext, BenchVariant, all_variants
+from .bench_methods import WINDOW_METHOD, BenchContext, BenchVariant, all_variants, window_variant
+from .cli import require_writable_file, require_writable_folder
+from .errors import InvalidInputError
+from .validation import require_number
 from .files import atomic_write_text
-from .metrics import frechet_distance, mean_psnr, psnr, ssim
+from .metrics import (FrechetBootstrap, basic_interval, bootstrap_indices, bootstrap_means, frechet_distance,
+                      mean_psnr, percentile_interval, prompts_to_resolve, psnr, ssim)
+from .policies.window import window_fraction_for, window_guided_steps
 from .reference.classifier import SceneClassifier, adherence
 from .reference.model import ReferenceModel, TextConditioning, to_image
 from .reference.scenes import Scene, random_scene, render
 from .reference.weights import CLASSIFIER_PATH, MODEL_PATH, load_classifier, load_model
-from .report import image_grid, quality_plot
+from .report import bench_plot, image_grid
 from .sampling import SAMPLERS, sample
 from .step_predictor import complexity_correlation
 from .schedules import SCHEDULERS, make_sigmas
@@ -49,6 +66,8 @@ class BenchSettings:
     scheduler: str = "karras"
     batch: int = 16
     methods: tuple[str, ...] = ()  # empty: all
+    resamples: int = 1000  # bootstrap resamples of the prompts (adherence, SSIM)
+    frechet_resamples: int = 200  # the first of them, for the Fréchet distance (an eigensolve each)
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "methods": list(self.methods)}
@@ -65,9 +84,54 @@ class _CountingModel:
         return self.model(x, sigma, conds)
 
 
-def _progress(message: str) -> None:
-    sys.stderr.write("\r" + message[:110].ljust(110))
-    sys.stderr.flush()
+def format_duration(seconds: float) -> str:
+    """``45s``, ``3m07s``, ``1h02m``."""
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def progress_line(text: str, elapsed: float, done: int, total: int, width: int = 110) -> str:
+    """The status line: elapsed time, an estimate of what is left, then ``text`` (cut to ``width``).
+
+    The estimate assumes the images left cost what the images done cost on average, preparation
+    included (calibrations and tunings run once, early): rough, and it grows when the bench adds
+    the window rows it needs.
+    """
+    if done <= 0:
+        left = "estimating what is left"
+    elif done >= total:
+        left = "finishing"
+    else:
+        left = f"about {format_duration(elapsed / done * (total - done))} left"
+    return f"bench {format_duration(elapsed)} elapsed, {left} · {text}"[:width]
+
+
+class Progress:
+    """The bench's status line on stderr (rewritten in place): what runs, elapsed, what is left."""
+
+    def __init__(self, total_images: int, stream: TextIO | None = None, clock: Callable[[], float] = time.perf_counter):
+        self.total, self.done, self.stream, self.clock = total_images, 0, stream, clock
+        self.began = clock()
+
+    def add_work(self, images: int) -> None:
+        self.total += images
+
+    def advance(self, images: int) -> None:
+        self.done += images
+
+    def show(self, text: str) -> None:
+        if self.stream is not None:
+            line = progress_line(text, self.clock() - self.began, self.done, self.total)
+            self.stream.write("\r" + line.ljust(110))
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.write("\n")
 
 
 def bench_scenes(settings: BenchSettings) -> list[Scene]:
@@ -85,16 +149,17 @@ def _scale(variant: BenchVariant, settings: BenchSettings) -> float:
 
 @torch.no_grad()
 def run_variant(context: BenchContext, variant: BenchVariant, cond: TextConditioning, noise: torch.Tensor,
-                report: str = "") -> tuple[torch.Tensor, list[int], list[int], float]:
+                report: str = "", progress: Progress | None = None) -> tuple[torch.Tensor, list[int], list[int], float]:
     """Sample every prompt with one variant: images in [0, 1], evaluations and steps per image, seconds.
 
     One-time preparation (calibration, step choice) happens before the clock starts; its time is in
     ``context.preparation_seconds``. A variant that chooses steps per prompt (AdaDiff) is sampled in
     groups of equal step count, each image with its own noise, so the result does not depend on
-    the grouping.
+    the grouping. ``progress`` (optional) gets a line per batch, prefixed by ``report``.
     """
     model, settings, uncond = context.model, context.settings, context.uncond
-    _progress(f"bench: {report} preparing")
+    show = progress.show if progress is not None else (lambda text: None)
+    show(f"{report}: preparing")
     variant.make_policies(context)
     count = noise.shape[0]
     steps_of = list(variant.choose_steps(context, cond)) if variant.choose_steps else [settings.steps] * count
@@ -116,16 +181,62 @@ def run_variant(context: BenchContext, variant: BenchVariant, cond: TextConditio
                 evaluations[row] = value
             images[rows] = to_image(result.latent)
             done += len(rows)
-            _progress(f"bench: {report} {done}/{count} images")
+            if progress is not None:
+                progress.advance(len(rows))
+            show(f"{report}: {done}/{count} images")
     return images, evaluations, steps_of, seconds
 
 
+@dataclass
+class Sampled:
+    """One row's samples: the variant, its images and what they cost."""
+
+    variant: BenchVariant
+    images: torch.Tensor
+    evaluations: list[int]
+    steps: list[int]
+    seconds: float
+
+    @property
+    def model_evals(self) -> float:
+        return sum(self.evaluations) / len(self.evaluations)
+
+
+def selected_variants(methods: tuple[str, ...]) -> list[BenchVariant]:
+    """The rows to run: every variant, or those of ``methods`` and always CFG (the reference)."""
+    return [v for v in all_variants() if not methods or v.method in methods or v.method == "cfg"]
+
+
+def method_names() -> list[str]:
+    """What ``--methods`` accepts, in table order: every variant's method, then the window baseline."""
+    names = list(dict.fromkeys(variant.method for variant in all_variants()))
+    return names + [WINDOW_METHOD]
+
+
+#: rows that are references themselves: no window comparison
+_REFERENCE_METHODS = ("none", "cfg", WINDOW_METHOD)
+
+
+def matched_window_steps(row_evals: float, steps: int) -> int | None:
+    """Guided steps of the window whose cost matches a row's evaluations per image (rounded); ``None``
+    for a row cheaper than ``steps`` evaluations or dearer than ``2·steps`` (CFG): no window at the
+    bench's step count costs that (AdaDiff's rows choose their own step counts)."""
+    if not steps - 0.5 <= row_evals < 2 * steps + 0.5:
+        return None
+    return window_guided_steps(steps, window_fraction_for(steps, row_evals))
+
+
+def _window_label(guided: int, steps: int) -> str:
+    return window_variant(guided / steps).label
+
+
 def run_bench(settings: BenchSettings, out: Path, model: ReferenceModel | None = None,
-              classifier: SceneClassifier | None = None) -> dict[str, Any]:
-    """Run the benchmark and write its files; returns the ``bench.json`` content."""
+              classifier: SceneClassifier | None = None, stream: TextIO | None = sys.stderr) -> dict[str, Any]:
+    """Run the benchmark and write its files; returns the ``bench.json`` content. ``stream`` gets
+    the progress line (``None``: quiet)."""
     model = model or load_model(MODEL_PATH)
     classifier = classifier or load_classifier(CLASSIFIER_PATH)
-    variants = [v for v in all_variants() if not settings.methods or v.method in settings.methods or v.method == "cfg"]
+    variants = selected_variants(settings.methods)
     scenes = bench_scenes(settings)
     prompts = [scene.prompt for scene in scenes]
     generator = torch.Generator().manual_seed(settings.seed)
@@ -136,104 +247,305 @@ def run_bench(settings: BenchSettings, out: Path, model: ReferenceModel | None =
         real = torch.stack([render(scene, 7_000_003 + settings.seed * 1000 + i) for i, scene in enumerate(scenes)])
         real_features = classifier.embed(real)
 
-    context = BenchContext(model, settings, sigmas, uncond)
+    progress = Progress(len(variants) * len(scenes), stream)
+    context = BenchContext(model, settings, sigmas, uncond, progress=progress.show)
     for variant in variants:  # a missing or stale file fails now, not after minutes of sampling
         if variant.load_files is not None:
             variant.load_files(context)
-    outputs: dict[str, tuple[BenchVariant, torch.Tensor, list[int], list[int], float]] = {}
-    for index, variant in enumerate(variants):
-        outputs[variant.label] = (variant, *run_variant(context, variant, cond, noise,
-                                                         f"[{index + 1}/{len(variants)}] {variant.label}"))
-    sys.stderr.write("\n")
+    outputs: dict[str, Sampled] = {}
 
-    _, cfg_images, _, _, cfg_seconds = outputs["cfg"]
-    trained = slice(0, settings.samples - settings.held_out)
-    held = slice(settings.samples - settings.held_out, settings.samples)
-    rows = []
-    with torch.no_grad():
-        for label, (variant, images, evaluations, steps_used, seconds) in outputs.items():
-            scores = adherence(classifier, images, scenes)
-            rows.append({
-                "method": variant.method,
-                "label": label,
-                "settings": variant.settings,
-                "model_evals": sum(evaluations) / len(evaluations),
-                "steps": sum(steps_used) / len(steps_used),
-                "scale": _scale(variant, settings),
-                "seconds": seconds,
-                "speedup_vs_cfg": cfg_seconds / seconds,
-                "ssim_to_cfg": float(ssim(images, cfg_images).mean()),
-                "psnr_to_cfg": mean_psnr(psnr(images, cfg_images)),
-                "adherence": float(scores.mean()),
-                "adherence_trained": float(scores[trained].mean()),
-                "adherence_held_out": float(scores[held].mean()) if settings.held_out else None,
-                "frechet": frechet_distance(classifier.embed(images), real_features),
-                # AdaDiff's claim: more complex prompts (more named attributes) get more steps
-                "steps_complexity_correlation": (complexity_correlation([scene.complexity for scene in scenes],
-                                                                        steps_used) if variant.choose_steps else None),
-                "defaults": variant.defaults,
-                "tune_target": variant.tune_target,
-                **(variant.extra(context) if variant.extra else {}),
-            })
+    def run(variant: BenchVariant, index: int, count: int) -> None:
+        outputs[variant.label] = Sampled(variant, *run_variant(context, variant, cond, noise,
+                                                                f"[{index}/{count}] {variant.label}", progress))
+
+    for index, variant in enumerate(variants):
+        run(variant, index + 1, len(variants))
+
+    # the fixed CFG window at every evaluation count the rows reached (and every step count if asked)
+    windows = {matched_window_steps(sampled.model_evals, settings.steps) for sampled in outputs.values()
+               if sampled.variant.method not in _REFERENCE_METHODS}
+    if WINDOW_METHOD in settings.methods:
+        windows |= set(range(1, settings.steps))
+    # (no guided step is the "none" row, every step the "cfg" row: sampled again only where missing)
+    windows = sorted(guided for guided in windows if guided is not None and guided < settings.steps
+                     and (guided > 0 or "none" not in outputs))
+    progress.add_work(len(windows) * len(scenes))
+    for index, guided in enumerate(windows):
+        run(window_variant(guided / settings.steps), len(variants) + index + 1, len(variants) + len(windows))
+    progress.close()
+
+    ordered = sorted(outputs.items(), key=lambda item: {"none": 0, "cfg": 0, WINDOW_METHOD: 1}.get(
+        item[1].variant.method, 2))  # references first, then the windows, then the methods in table order
+    rows = _rows(settings, ordered, scenes, classifier, real_features, context)
     result = {"settings": {**settings.to_dict(), "model": model.metadata.get("format") if hasattr(model, "metadata") else None,
                            "model_parameters": model.count_parameters(), "threads": torch.get_num_threads(),
-                           "preparation_seconds": context.preparation_seconds},
+                           "preparation_seconds": context.preparation_seconds,
+                           "bootstrap": _resolution(rows, settings)},
               "rows": rows}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "bench.json", json.dumps(result, indent=2))
-    shown = slice(0, min(10, len(scenes)))
-    image_grid([("real render", real[shown])] + [(label, images[shown]) for label, (_, images, *_) in outputs.items()],
-               out / "grid.png", title="FastGuidance bench: same seeds, first prompts")
-    quality_plot([{"label": row["label"], "x": row["model_evals"], "y": row["adherence"]} for row in rows],
-                 out / "plot.png", "model evaluations per image", "adherence (share of named attributes)",
-                 f"Adherence against cost ({settings.steps} steps, {settings.sampler}, cfg {settings.scale})")
+    shown = slice(0, min(8, len(scenes)))
+    image_grid([("real render", real[shown])] + [(label, sampled.images[shown]) for label, sampled in ordered],
+               out / "grid.png", title="FastGuidance bench: same seeds, first prompts",
+               column_titles=prompts[shown])
+    bench_plot(rows, out / "plot.png",
+               f"Adherence against cost ({settings.samples} prompts, {settings.steps} steps, {settings.sampler}, "
+               f"cfg {settings.scale}; bars: 95% bootstrap CI)")
     return result
 
 
+#: the compared metrics: bench.json key → per-prompt values of a row (None: a set statistic, Fréchet)
+CI_METRICS = ("adherence", "ssim_to_cfg", "frechet")
+
+
+def _bootstrap_seed(settings: BenchSettings) -> int:
+    return 3_000_003 + settings.seed
+
+
+def _rows(settings: BenchSettings, ordered: list[tuple[str, Sampled]], scenes: list[Scene],
+          classifier: SceneClassifier, real_features: torch.Tensor, context: BenchContext) -> list[dict[str, Any]]:
+    """One ``bench.json`` row per sampled variant, with paired bootstrap intervals (module docstring)."""
+    outputs = dict(ordered)
+    cfg_images = outputs["cfg"].images
+    trained = slice(0, settings.samples - settings.held_out)
+    held = slice(settings.samples - settings.held_out, settings.samples)
+    indices = bootstrap_indices(len(scenes), settings.resamples, _bootstrap_seed(settings))
+    frechet_bootstrap = FrechetBootstrap(real_features, indices[:settings.frechet_resamples])
+    measured: dict[str, dict[str, Any]] = {}
+    with torch.no_grad():
+        for label, sampled in ordered:
+            scores = adherence(classifier, sampled.images, scenes)
+            similarity = ssim(sampled.images, cfg_images)
+            features = classifier.embed(sampled.images)
+            measured[label] = {
+                "scores": scores, "ssim": similarity, "features": features,
+                "resampled": {"adherence": bootstrap_means(scores, indices), "ssim_to_cfg": bootstrap_means(similarity, indices),
+                              "frechet": frechet_bootstrap.distances(features)},
+            }
+
+    for data in measured.values():
+        data["estimate"] = {"adherence": float(data["scores"].mean()), "ssim_to_cfg": float(data["ssim"].mean()),
+                            "frechet": frechet_distance(data["features"], real_features)}
+
+    def interval(metric: str, label: str, other: str | None = None) -> list[float]:
+        """Percentile intervals for the means; basic intervals for the Fréchet distance (its resamples are
+        biased upwards: :func:`~fastguidance.metrics.basic_interval`)."""
+        statistics = measured[label]["resampled"][metric]
+        estimate = measured[label]["estimate"][metric]
+        if other is not None:
+            statistics = statistics - measured[other]["resampled"][metric]
+            estimate -= measured[other]["estimate"][metric]
+        return basic_interval(statistics, estimate) if metric == "frechet" else percentile_interval(statistics)
+
+    def compared(label: str, other: str | None) -> dict[str, Any]:
+        values = {}
+        for metric in CI_METRICS:
+            values[f"{metric}_ci95"] = interval(metric, label)
+            values[f"{metric}_vs_cfg_ci95"] = interval(metric, label, "cfg")
+            values[f"{metric}_vs_window_ci95"] = None if other is None else interval(metric, label, other)
+        return values
+
+    rows = []
+    for label, sampled in ordered:
+        variant, data = sampled.variant, measured[label]
+        guided = None if variant.method in _REFERENCE_METHODS else matched_window_steps(sampled.model_evals, settings.steps)
+        window = None
+        if guided is not None:
+            window = ("cfg" if guided == settings.steps else "none" if guided == 0 and "none" in outputs
+                      else _window_label(guided, settings.steps))
+        row = {
+            "method": variant.method,
+            "label": label,
+            "settings": variant.settings,
+            "model_evals": sampled.model_evals,
+            "steps": sum(sampled.steps) / len(sampled.steps),
+            "scale": _scale(variant, settings),
+            "seconds": sampled.seconds,
+            "speedup_vs_cfg": outputs["cfg"].seconds / sampled.seconds,
+            "ssim_to_cfg": data["estimate"]["ssim_to_cfg"],
+            "psnr_to_cfg": mean_psnr(psnr(sampled.images, cfg_images)),
+            "adherence": data["estimate"]["adherence"],
+            "adherence_trained": float(data["scores"][trained].mean()) if settings.samples > settings.held_out else None,
+            "adherence_held_out": float(data["scores"][held].mean()) if settings.held_out else None,
+            "frechet": data["estimate"]["frechet"],
+            "window": window,
+            "window_model_evals": None if window is None else outputs[window].model_evals,
+            **compared(label, window),
+            # AdaDiff's claim: more complex prompts (more named attributes) get more steps
+            "steps_complexity_correlation": (complexity_correlation([scene.complexity for scene in scenes],
+                                                                    sampled.steps) if variant.choose_steps else None),
+            "defaults": variant.defaults,
+            "tune_target": variant.tune_target,
+            **(variant.extra(context) if variant.extra else {}),
+        }
+        row["vs_cfg"] = verdict(row["adherence_vs_cfg_ci95"]) if variant.method != "cfg" or variant.settings else None
+        row["vs_window"] = None if window is None else verdict(row["adherence_vs_window_ci95"])
+        rows.append(row)
+    return rows
+
+
+def verdict(interval: list[float] | None) -> str | None:
+    """``better`` / ``worse`` where a difference's interval excludes zero, else ``no real difference``."""
+    if interval is None:
+        return None
+    low, high = interval
+    return "better" if low > 0 else "worse" if high < 0 else "no real difference"
+
+
+#: the difference the bench should resolve (issue 21: "within 2 points of CFG")
+RESOLVE_POINTS = 0.02
+
+
+def _resolution(rows: list[dict[str, Any]], settings: BenchSettings) -> dict[str, Any]:
+    """How precise the adherence differences to CFG are, and how many prompts resolving
+    :data:`RESOLVE_POINTS` (and 1 point) would need (median half-width over the method rows)."""
+    halves = sorted((high - low) / 2 for row in rows if row["method"] not in ("cfg", "none")
+                    for low, high in [row["adherence_vs_cfg_ci95"]])
+    result = {"seed": _bootstrap_seed(settings), "resamples": settings.resamples,
+              "frechet_resamples": settings.frechet_resamples, "interval": "percentile, 95%, paired over prompts"}
+    if halves:
+        median = halves[len(halves) // 2]
+        result.update({"median_half_width_vs_cfg": median,
+                       "prompts_for_2_points": prompts_to_resolve(median, settings.samples, RESOLVE_POINTS),
+                       "prompts_for_1_point": prompts_to_resolve(median, settings.samples, RESOLVE_POINTS / 2)})
+    return result
+
+
+def _points(value: float) -> str:
+    return f"{100 * value:.1f}"
+
+
+def _signed(value: float) -> str:
+    return f"{100 * value:+.1f}".replace("-", "−")
+
+
+def _interval(interval: list[float] | None, signed: bool = False, marked: bool = False) -> str:
+    """``[low, high]`` in points; with ``marked`` a trailing ``*`` when it excludes zero (a real difference)."""
+    if interval is None:
+        return "—"
+    low, high = interval
+    text = f"[{_signed(low)}, {_signed(high)}]" if signed else f"[{_points(low)}, {_points(high)}]"
+    return text + ("*" if marked and (low > 0 or high < 0) else "")
+
+
 def format_table(result: dict[str, Any]) -> str:
-    """The rows as a fixed-width text table (also used for the README)."""
-    header = ("method", "evals/img", "steps", "seconds", "speedup", "SSIM→cfg", "PSNR→cfg", "adherence", "held-out",
-              "Fréchet")
+    """The rows as a Markdown table (also used for the README). Adherence and its differences are in
+    points (percent); ``*`` marks a difference whose 95% interval excludes zero."""
+    header = ("method", "evals/img", "steps", "seconds", "speedup", "SSIM→cfg [95% CI]", "PSNR→cfg",
+              "adherence % [95% CI]", "Δ cfg [95% CI]", "window evals", "Δ window [95% CI]", "held-out %",
+              "Fréchet [95% CI]")
     lines = [" | ".join(header), " | ".join("---" for _ in header)]
     for row in result["rows"]:
         psnr_text = "inf" if math.isinf(row["psnr_to_cfg"]) else f"{row['psnr_to_cfg']:.1f}"
-        held = "" if row["adherence_held_out"] is None else f"{row['adherence_held_out']:.3f}"
-        lines.append(" | ".join([row["label"], f"{row['model_evals']:.1f}", f"{row['steps']:.1f}", f"{row['seconds']:.1f}",
-                                 f"{row['speedup_vs_cfg']:.2f}x", f"{row['ssim_to_cfg']:.3f}", psnr_text,
-                                 f"{row['adherence']:.3f}", held, f"{row['frechet']:.2f}"]))
+        held = "" if row["adherence_held_out"] is None else _points(row["adherence_held_out"])
+        ssim_low, ssim_high = row["ssim_to_cfg_ci95"]
+        frechet_low, frechet_high = row["frechet_ci95"]
+        delta_cfg = ("" if row["vs_cfg"] is None else
+                     f"{_signed(row['adherence'] - cfg_adherence(result))} {_interval(row['adherence_vs_cfg_ci95'], True, True)}")
+        delta_window = ("—" if row["window"] is None else
+                        f"{_signed(row['adherence'] - _row(result, row['window'])['adherence'])} "
+                        f"{_interval(row['adherence_vs_window_ci95'], True, True)}")
+        window_evals = "—" if row["window"] is None else f"{row['window_model_evals']:.0f}"
+        lines.append(" | ".join([
+            row["label"], f"{row['model_evals']:.1f}", f"{row['steps']:.1f}", f"{row['seconds']:.1f}",
+            f"{row['speedup_vs_cfg']:.2f}x", f"{row['ssim_to_cfg']:.3f} [{ssim_low:.3f}, {ssim_high:.3f}]", psnr_text,
+            f"{_points(row['adherence'])} {_interval(row['adherence_ci95'])}", delta_cfg, window_evals, delta_window,
+            held, f"{row['frechet']:.0f} [{frechet_low:.0f}, {frechet_high:.0f}]"]))
     return "\n".join(lines)
+
+
+def _row(result: dict[str, Any], label: str) -> dict[str, Any]:
+    return next(row for row in result["rows"] if row["label"] == label)
+
+
+def cfg_adherence(result: dict[str, Any]) -> float:
+    return _row(result, "cfg")["adherence"]
+
+
+def resolution_text(result: dict[str, Any]) -> str:
+    """What the intervals can resolve, and how many prompts 2 points (and 1) would need."""
+    boot = result["settings"].get("bootstrap") or {}
+    if "median_half_width_vs_cfg" not in boot:
+        return ""
+    samples = result["settings"]["samples"]
+    return (f"\n`*`: the 95% interval (paired bootstrap over the {samples} prompts, {boot['resamples']} resamples, "
+            f"{boot['frechet_resamples']} for Fréchet) excludes zero: a real difference; without `*` the difference is "
+            f"within the noise of {samples} prompts. The median half-width of Δ cfg is ±{100 * boot['median_half_width_vs_cfg']:.1f} "
+            f"points: resolving a 2-point difference needs about {boot['prompts_for_2_points']} prompts "
+            f"(`--samples {boot['prompts_for_2_points']}`), 1 point about {boot['prompts_for_1_point']}.\n")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = BenchSettings()
-    parser.add_argument("--methods", default="", help="comma-separated methods to run (default: all; cfg always runs)")
-    parser.add_argument("--steps", type=int, default=defaults.steps)
-    parser.add_argument("--samples", type=int, default=defaults.samples, help="prompts (one image each)")
-    parser.add_argument("--held-out", type=int, default=defaults.held_out, help="of which held-out combinations")
-    parser.add_argument("--scale", type=float, default=defaults.scale, help="CFG scale")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--sampler", choices=sorted(SAMPLERS), default=defaults.sampler)
-    parser.add_argument("--scheduler", choices=SCHEDULERS, default=defaults.scheduler)
+    parser.add_argument("--methods", default="",
+                        help="comma-separated methods to run (default: all). cfg always runs, and so do the CFG windows "
+                             "matching the other rows' evaluations; naming cfg_window adds a window at every step count. "
+                             f"Methods: {', '.join(method_names())}")
+    parser.add_argument("--steps", type=int, default=defaults.steps, help=f"sampling steps, {LIMITS['--steps'][0]}–{LIMITS['--steps'][1]}")
+    parser.add_argument("--samples", type=int, default=defaults.samples,
+                        help=f"prompts, one image each ({LIMITS['--samples'][0]}–{LIMITS['--samples'][1]}); more prompts "
+                             "narrow the intervals as 1/√N (the table says how many a 2-point difference needs)")
+    parser.add_argument("--held-out", type=int, default=None,
+                        help="of which held-out colour–shape combinations (default: a third of --samples, 32 of 96)")
+    parser.add_argument("--scale", type=float, default=defaults.scale, help="CFG scale, 1–30 (1 = no guidance)")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="prompts, noise and bootstrap seed")
+    parser.add_argument("--sampler", choices=sorted(SAMPLERS), default=defaults.sampler, help="sampler")
+    parser.add_argument("--scheduler", choices=SCHEDULERS, default=defaults.scheduler, help="noise schedule")
     parser.add_argument("--batch", type=int, default=defaults.batch, help="images sampled together")
-    parser.add_argument("--out", type=Path, default=Path("bench_out"), help="output folder")
+    parser.add_argument("--resamples", type=int, default=defaults.resamples,
+                        help="bootstrap resamples of the prompts for the confidence intervals")
+    parser.add_argument("--frechet-resamples", type=int, default=defaults.frechet_resamples,
+                        help="of which used for the Fréchet distance's interval (one eigensolve per row and resample)")
+    parser.add_argument("--out", type=Path, default=Path("bench_out"),
+                        help="output folder (created; checked writable before sampling)")
     parser.add_argument("--update-readme", type=Path, metavar="README",
-                        help="also replace the table between the bench markers of this file")
+                        help="also replace the table between the bench markers of this file (checked before sampling)")
+
+
+#: option → (lowest, highest, fix) of the numeric options; checked before any sampling
+LIMITS: dict[str, tuple[float, float, str]] = {
+    "--steps": (1, 1000, "use a whole number of sampling steps from 1 to 1000 (default 20)"),
+    "--samples": (2, 100_000, "use at least 2 prompts (the Fréchet distance needs two images), at most 100000"),
+    "--scale": (1.0, 30.0, "use a CFG scale from 1 (no guidance) to 30 (default 5)"),
+    "--seed": (0, 2**63 - 1, "use a whole number from 0 to 2**63 − 1"),
+    "--batch": (1, 4096, "use a whole number of images per batch from 1 to 4096 (default 16)"),
+    "--resamples": (100, 100_000, "use from 100 to 100000 bootstrap resamples (default 1000)"),
+    "--frechet-resamples": (20, 100_000, "use from 20 to 100000, at most --resamples (default 200)"),
+}
+
+
+def settings_from_options(options: argparse.Namespace) -> BenchSettings:
+    """Check every option (ranges, cross-option rules, method names, files and folders) before any
+    sampling; raise :class:`InvalidInputError` naming the first bad option and its fix."""
+    for option, (low, high, fix) in LIMITS.items():
+        value = getattr(options, option[2:].replace("-", "_"))
+        require_number(option, value, low, high, fix, integer=option != "--scale")
+    held_out = options.samples // 3 if options.held_out is None else options.held_out
+    require_number("--held-out", held_out, 0, options.samples, f"use from 0 to --samples ({options.samples}) held-out "
+                                                               f"prompts, or leave it out (a third of --samples)", integer=True)
+    if options.frechet_resamples > options.resamples:
+        raise InvalidInputError("--frechet-resamples", options.frechet_resamples,
+                                f"use at most --resamples ({options.resamples}); they are the first of those resamples")
+    methods = tuple(dict.fromkeys(m.strip() for m in options.methods.split(",") if m.strip()))
+    unknown = [m for m in methods if m not in method_names()]
+    if unknown:
+        raise InvalidInputError("--methods", ",".join(unknown), f"use names from: {', '.join(method_names())}")
+    require_writable_folder("--out", options.out)
+    if options.update_readme is not None:
+        require_writable_file("--update-readme", options.update_readme, must_exist=True)
+        text = options.update_readme.read_text(encoding="utf-8", errors="replace")
+        if README_START not in text or README_END not in text:
+            raise InvalidInputError("--update-readme", str(options.update_readme),
+                                    f"the file has no {README_START} … {README_END} markers; add them where the table goes")
+    return BenchSettings(options.steps, options.samples, held_out, options.scale, options.seed, options.sampler,
+                         options.scheduler, options.batch, methods, options.resamples, options.frechet_resamples)
 
 
 def main(options: argparse.Namespace) -> None:
-    if not 0 <= options.held_out <= options.samples or options.samples < 1:
-        raise SystemExit(f"--samples must be at least 1 and --held-out between 0 and --samples (got {options.samples}, "
-                         f"{options.held_out})")
-    methods = tuple(m.strip() for m in options.methods.split(",") if m.strip())
-    known = {variant.method for variant in all_variants()}
-    unknown = sorted(set(methods) - known)
-    if unknown:
-        raise SystemExit(f"--methods: unknown {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    settings = BenchSettings(options.steps, options.samples, options.held_out, options.scale, options.seed,
-                             options.sampler, options.scheduler, options.batch, methods)
-    torch.manual_seed(options.seed)
+    settings = settings_from_options(options)
+    torch.manual_seed(settings.seed)
     result = run_bench(settings, options.out)
-    sys.stdout.write(format_table(result) + "\n" + preparation_text(result))
+    sys.stdout.write(format_table(result) + "\n" + resolution_text(result) + preparation_text(result))
     sys.stdout.write(f"wrote {options.out / 'bench.json'}, {options.out / 'grid.png'}, {options.out / 'plot.png'}\n")
     if options.update_readme:
         update_readme(options.update_readme, result, command=" ".join(["python -m fastguidance bench"] + sys.argv[2:]))
@@ -253,11 +565,12 @@ def update_readme(path: Path, result: dict[str, Any], command: str) -> None:
     """Replace the text between the bench markers of ``path`` by the command and the table."""
     text = path.read_text()
     if README_START not in text or README_END not in text:
-        raise SystemExit(f"--update-readme: {path} has no {README_START} … {README_END} markers")
+        raise InvalidInputError("--update-readme", str(path), f"the file has no {README_START} … {README_END} markers")
     before, rest = text.split(README_START, 1)
     after = rest.split(README_END, 1)[1]
     settings = result["settings"]
     block = (f"{README_START}\n`{command}` ({settings['samples']} prompts of which {settings['held_out']} held out, "
              f"{settings['steps']} steps {settings['sampler']}/{settings['scheduler']}, cfg {settings['scale']}, "
-             f"{settings['threads']} CPU threads):\n\n{format_table(result)}\n{preparation_text(result)}{README_END}")
+             f"{settings['threads']} CPU threads):\n\n{format_table(result)}\n{resolution_text(result)}"
+             f"{preparation_text(result)}{README_END}")
     atomic_write_text(path, before + block + after)

@@ -18,7 +18,7 @@ import torch
 from .engine import GuidancePolicy
 from .errors import TensorFileError
 from .fingerprint import weights_fingerprint
-from .policies import AdaptiveGuidance, CompressGuidance
+from .policies import AdaptiveGuidance, CFGWindow, CompressGuidance, GuidanceInterval
 from .policies.adaptive import PAPER_SETTINGS
 from .policies.linear_ag import LinearAG, LinearAGCalibration, LinearAGCoefficients
 from .reference.model import ReferenceModel, TextConditioning
@@ -42,6 +42,8 @@ class BenchContext:
     sigmas: torch.Tensor
     uncond: TextConditioning
     preparation_seconds: dict[str, float] = field(default_factory=dict)
+    #: shows what a long preparation is doing (the bench's progress line); called with a short text
+    progress: Callable[[str], None] = lambda text: None
     _prepared: dict[str, Any] = field(default_factory=dict)
 
     def sigmas_for(self, steps: int) -> torch.Tensor:
@@ -53,6 +55,7 @@ class BenchContext:
     def prepared(self, key: str, make: Callable[[], Any], is_cost: bool = True) -> Any:
         """``make()`` once per benchmark; its wall time is reported when ``is_cost`` (not for loading a file)."""
         if key not in self._prepared:
+            self.progress(f"preparing {key}")
             began = time.perf_counter()
             self._prepared[key] = make()
             if is_cost:
@@ -109,6 +112,25 @@ def baseline_variants() -> list[BenchVariant]:
     """No guidance, CFG at the benchmark's scale (the reference of every row), CFG at other scales."""
     return [BenchVariant("none", guided=False), BenchVariant("cfg")] + [
         BenchVariant("cfg", {"scale": scale}, scale=scale) for scale in (2.0, 8.0)]
+
+
+def window_variant(fraction: float) -> BenchVariant:
+    """The fixed CFG window (:class:`~fastguidance.policies.CFGWindow`): guided for the first
+    ``fraction`` of the steps, cond only after. The benchmark adds one per evaluation count its
+    other rows reached (:func:`fastguidance.policies.window.window_fraction_for`), after running them."""
+    return BenchVariant("cfg_window", {"fraction": round(fraction, 4)}, lambda _: [CFGWindow(fraction)])
+
+
+#: the method names of the derived window rows (not in :func:`all_variants`; the bench adds them)
+WINDOW_METHOD = "cfg_window"
+
+
+def guidance_interval_variants() -> list[BenchVariant]:
+    """Guidance interval (Kynkäänniemi et al. 2024): CFG only for σ in (0.28, 5.42], the interval the
+    paper reports for EDM2, at the benchmark's scale and at 8 (the paper raises the scale inside the
+    interval; here 9 of the 20 karras steps fall in it)."""
+    return [BenchVariant("guidance_interval", {}, lambda _: [GuidanceInterval()]),
+            BenchVariant("guidance_interval", {"scale": 8.0}, lambda _: [GuidanceInterval()], scale=8.0)]
 
 
 def adaptive_guidance_variants() -> list[BenchVariant]:
@@ -170,6 +192,8 @@ def calibrate_linear_ag(context: BenchContext, paths: int = LINEAR_AG_CALIBRATIO
     with torch.no_grad():
         cond = model.encode(prompts)
         for start in range(0, paths, settings.batch):
+            context.progress(f"calibrating LinearAG: sampling CFG paths {start + 1}–{min(start + settings.batch, paths)} "
+                             f"of {paths} (one-time)")
             rows = slice(start, start + settings.batch)
             sample(model, noise[rows], context.sigmas, cond.select(rows), context.uncond, settings.scale,
                    settings.sampler, [calibration.policy()], percent_to_sigma=model.schedule.percent_to_sigma)
@@ -273,8 +297,13 @@ def tuned(context: BenchContext, method: str, target: float) -> Any:
         with torch.no_grad():
             cond = model.encode(prompts)
 
+        samplings = [0]
+
         @torch.no_grad()
         def sample_prompts(policies):
+            samplings[0] += 1
+            context.progress(f"tuning {method} to SSIM {target}: sampling {samplings[0]} of its {TUNE_PROMPTS} prompts "
+                             f"(one-time)")
             result = sample(model, noise, context.sigmas, cond, context.uncond, settings.scale, settings.sampler,
                             list(policies), percent_to_sigma=model.schedule.percent_to_sigma)
             spent = (result.run.evaluations_per_sample() if result.run is not None
@@ -316,6 +345,7 @@ def tuned_variants() -> list[BenchVariant]:
 #: every method's variants, in table order; later methods add their factory here
 VARIANT_FACTORIES: tuple[Callable[[], list[BenchVariant]], ...] = (
     baseline_variants,
+    guidance_interval_variants,
     adaptive_guidance_variants,
     compress_guidance_variants,
     linear_ag_variants,

@@ -14,8 +14,9 @@
   feature sets, the formula of FID (Heusel et al., "GANs Trained by a Two Time-Scale Update Rule
   Converge to a Local Nash Equilibrium", NeurIPS 2017, eq. 6; Dowson & Landau 1982).
 - :func:`bootstrap_indices`, :func:`bootstrap_means`, :class:`FrechetBootstrap`,
-  :func:`percentile_interval`: paired bootstrap confidence intervals over prompts (Efron &
-  Tibshirani, "An Introduction to the Bootstrap", 1993, §13.3 percentile interval): the same
+  :func:`percentile_interval`, :func:`basic_interval`: paired bootstrap confidence intervals over
+  prompts (Efron & Tibshirani, "An Introduction to the Bootstrap", 1993, §13.3 percentile
+  interval; the basic interval for the Fréchet distance, whose resamples are biased): the same
   resampled prompt sets for every row, so differences between rows are paired.
 
 Images are batches ``[B, C, H, W]`` with values in ``[0, 1]`` (any C; ComfyUI's ``[B, H, W, C]``
@@ -338,6 +339,15 @@ def percentile_interval(statistics: torch.Tensor, level: float = 0.95) -> list[f
     quantiles = torch.quantile(statistics.detach().to(torch.float64).cpu(),
                                torch.tensor([tail, 1.0 - tail], dtype=torch.float64))
     return [float(quantiles[0]), float(quantiles[1])]
+
+
+def basic_interval(statistics: torch.Tensor, estimate: float, level: float = 0.95) -> list[float]:
+    """The basic (pivotal) bootstrap interval ``[2θ̂ − q_(1+level)/2, 2θ̂ − q_(1−level)/2]`` (Davison &
+    Hinkley 1997, eq. 5.6), for a statistic whose resampled values are biased away from the estimate
+    ``θ̂``: the Fréchet distance grows when a resample repeats prompts (fewer distinct images), so its
+    percentile interval would sit above the estimate; the basic interval subtracts that shift."""
+    low, high = percentile_interval(statistics, level)
+    return [2 * estimate - high, 2 * estimate - low]
 
 
 def prompts_to_resolve(half_width: float, count: int, difference: float) -> int:

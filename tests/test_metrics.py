@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from fastguidance.errors import InvalidInputError
 from fastguidance.metrics import (
-    PSNR_CAP_DB, FrechetBootstrap, bootstrap_indices, bootstrap_means, compare_images, format_psnr, frechet_distance,
+    PSNR_CAP_DB, FrechetBootstrap, basic_interval, bootstrap_indices, bootstrap_means, compare_images, format_psnr, frechet_distance,
     mean_psnr, pair_batches, percentile_interval, prompts_to_resolve, psnr, ssim,
 )
 
@@ -240,6 +240,9 @@ def test_percentile_interval_of_known_values():
     assert percentile_interval(torch.arange(101.0), level=0.5) == pytest.approx([25.0, 75.0])
     with pytest.raises(InvalidInputError):
         percentile_interval(torch.arange(5.0), level=1.0)
+    # the basic interval reflects the percentiles about the estimate: a shift of the resamples moves it the other way
+    assert basic_interval(torch.arange(101.0), 50.0) == pytest.approx([2.5, 97.5])
+    assert basic_interval(torch.arange(101.0) + 10.0, 50.0) == pytest.approx([-7.5, 87.5])
 
 
 def test_bootstrap_interval_of_a_mean_matches_the_normal_approximation():
@@ -255,7 +258,7 @@ def test_bootstrap_interval_of_a_mean_matches_the_normal_approximation():
 def test_paired_differences_cancel_what_the_rows_share():
     # two rows that differ by exactly 0.05 on every prompt: the paired interval of the difference is that
     # value exactly, although each row's own interval is wide
-    scores = torch.rand(96, generator=torch.Generator().manual_seed(2))
+    scores = torch.rand(96, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     indices = bootstrap_indices(96, 500, seed=0)
     a, b = bootstrap_means(scores + 0.05, indices), bootstrap_means(scores, indices)
     assert percentile_interval(a - b) == pytest.approx([0.05, 0.05], abs=1e-12)
