@@ -10,7 +10,8 @@ from PIL import Image
 
 from fastguidance.errors import InvalidInputError
 from fastguidance.files import atomic_write, atomic_write_text
-from fastguidance.report import image_grid, quality_plot
+from fastguidance.report import (METHOD_PALETTE, REFERENCE_COLOURS, bench_plot, image_grid, method_colours,
+                                 pareto_front, quality_plot)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -148,3 +149,77 @@ def test_quality_plot_refuses_non_finite_and_missing_values(tmp_path):
             quality_plot(points, tmp_path / "plot.png", "x", "y", "t")
         assert error.value.input_name == name
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------------
+# image_grid column titles
+
+
+def test_image_grid_puts_a_wrapped_title_above_each_column(tmp_path):
+    rows = [("cfg", batch(n=3)), ("ag", batch(n=3, seed=1))]
+    plain = open_png(image_grid(rows, tmp_path / "plain.png"))
+    prompts = ["two small red circles left of a large blue square", "a green triangle", "three yellow stars"]
+    titled = open_png(image_grid(rows, tmp_path / "titled.png", column_titles=prompts))
+    assert titled.width == plain.width and titled.height > plain.height + 2 * 11  # the long prompt wraps to lines
+    extra = titled.height - plain.height
+    label_width = plain.width - 3 * 96 - 2 * 4 - 8
+    for column in range(3):  # ink above every column, inside its width
+        left = label_width + column * (96 + 4)
+        band = titled.crop((left, 8, left + 96, 8 + extra))
+        assert band.getextrema() != ((255, 255),) * 3, column
+    with pytest.raises(InvalidInputError) as error:
+        image_grid(rows, tmp_path / "never.png", column_titles=prompts + ["one too many"])
+    assert error.value.input_name == "column_titles"
+
+
+# --------------------------------------------------------------------------------------------------
+# bench_plot
+
+
+def test_pareto_front_keeps_the_points_nothing_beats():
+    points = [(20, 0.61), (40, 0.764), (25, 0.753), (30, 0.76), (30, 0.75), (24, 0.70), (34, 0.76), (22.8, 0.755)]
+    assert pareto_front(points) == [0, 7, 3, 1]  # sorted by cost; (34, 0.76) is beaten by (30, 0.76)
+    assert pareto_front([(1, 1), (1, 1)]) == [0, 1]  # equal points do not beat each other
+
+
+def test_method_colours_are_distinct_and_fixed_for_the_references():
+    methods = ["none", "cfg", "cfg_window"] + [f"m{i}" for i in range(len(METHOD_PALETTE))] + ["cfg", "m0"]
+    colours = method_colours(methods)
+    assert len(colours) == 3 + len(METHOD_PALETTE)
+    assert len(set(colours.values())) == len(colours)
+    assert all(colours[name] == colour for name, colour in REFERENCE_COLOURS.items())
+
+
+def bench_rows():
+    rows = [{"method": "none", "label": "none", "model_evals": 20.0, "adherence": 0.609},
+            {"method": "cfg", "label": "cfg", "model_evals": 40.0, "adherence": 0.764}]
+    rows += [{"method": "cfg_window", "label": f"cfg_window fraction={k / 20}", "model_evals": 20.0 + k,
+              "adherence": 0.609 + 0.155 * (1 - (1 - k / 20) ** 2)} for k in range(1, 20)]
+    for m, (method, base) in enumerate([("ag", 0.70), ("compg", 0.72), ("linear_ag", 0.71), ("adadiff", 0.74),
+                                        ("adadiff+compg", 0.69), ("agd", 0.697)]):
+        for i in range(4):
+            rows.append({"method": method, "label": f"{method} setting={i} with a long tail of words",
+                         "model_evals": 21.0 + 4.5 * i + m % 3, "adherence": base + 0.012 * i,
+                         "defaults": i == 0})
+    for row in rows:
+        row["adherence_ci95"] = [row["adherence"] - 0.021, row["adherence"] + 0.019]
+    return rows
+
+
+def test_bench_plot_labels_stay_inside_and_never_overlap(tmp_path):
+    rows = bench_rows()
+    layout = bench_plot(rows, tmp_path / "plot.png", "Adherence against cost (96 prompts)")
+    image = open_png(layout.path)
+    assert image.size == layout.size == (1100, 640)
+    left, top, right, bottom = layout.plot_box
+    assert layout.label_boxes, "the front and the defaults rows get labels where they fit"
+    boxes = list(layout.label_boxes.values())
+    for box in boxes:
+        assert left <= box[0] < box[2] <= right and top <= box[1] < box[3] <= bottom, box
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]), (a, b)
+    colours = {colour for _, colour in image.getcolors(maxcolors=1 << 18)}
+    assert set(layout.colours.values()) <= colours  # every method's colour is drawn (dots and legend)
+    assert len(set(layout.colours.values())) == len(layout.colours) == 9
+    assert right < image.width - 150  # the legend has its own column right of the plot
