@@ -107,7 +107,10 @@ def validation_message(check: Callable[[], None]) -> bool | str:
 
 
 def _number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:g}"
+    """A bound as people write it: whole numbers in full (seeds go to 2^64 − 1), others short."""
+    if isinstance(value, int) or (float(value).is_integer() and abs(value) < 1e15):
+        return str(int(value))
+    return f"{value:g}"
 
 
 # --- file names a node writes ------------------------------------------------------------------

@@ -6,7 +6,7 @@ from comfy_api.latest import io
 
 from ..fastguidance.guidance import COSINE_SPACES
 from ..fastguidance.policies.adaptive import (AFTER_CUTOFF_MODES, CONVERGENCE_OFF, MAX_THRESHOLD, PAPER_SETTINGS,
-                                               AdaptiveGuidance, validate_adaptive_guidance)
+                                               AdaptiveGuidance, validate_window)
 from .engine_patch import cfg_guider, guider_inputs, install_policy
 from .validation import CrossRule, check_inputs, validate
 
@@ -64,9 +64,8 @@ def _settings_inputs() -> list:
     ]
 
 
-#: the settings checked together (the window's order), once all of them are known
-_CHECKS = (CrossRule(validate_adaptive_guidance, ("threshold", "start_percent", "end_percent", "after_cutoff",
-                                                  "cosine_space", "convergence")),)
+#: the settings checked together: the window's order (each setting alone is checked by its schema rule)
+_CHECKS = (CrossRule(validate_window, ("start_percent", "end_percent")),)
 
 
 def _policy(threshold: float, start_percent: float, end_percent: float, after_cutoff: str,

@@ -158,17 +158,22 @@ class AdaptiveGuidance(GuidancePolicy):
                 "convergence": self.convergence}
 
 
+def validate_window(start_percent: float, end_percent: float) -> None:
+    """The cut window: two fractions of the schedule, in order."""
+    for name, value in (("start_percent", start_percent), ("end_percent", end_percent)):
+        require_number(name, value, 0.0, 1.0, "use a fraction of the schedule between 0.0 and 1.0")
+    if start_percent > end_percent:
+        raise InvalidInputError("start_percent", start_percent,
+                                f"the window must start before it ends: set start_percent <= end_percent ({end_percent})")
+
+
 def validate_adaptive_guidance(threshold: float, start_percent: float, end_percent: float, after_cutoff: str,
                                cosine_space: str = "denoised", convergence: float = 0.5) -> None:
     """Raise :class:`InvalidInputError` naming the first bad setting and how to fix it."""
     require_number("threshold", threshold, 0.0, MAX_THRESHOLD,
                    f"use a cosine between 0 and {MAX_THRESHOLD} (default 0.9998 on the denoised cosine; 0.991 is "
                    "the paper's value on the noise cosine; above 1 never cuts guidance)")
-    for name, value in (("start_percent", start_percent), ("end_percent", end_percent)):
-        require_number(name, value, 0.0, 1.0, "use a fraction of the schedule between 0.0 and 1.0")
-    if start_percent > end_percent:
-        raise InvalidInputError("start_percent", start_percent,
-                                f"the window must start before it ends: set start_percent <= end_percent ({end_percent})")
+    validate_window(start_percent, end_percent)
     if after_cutoff not in AFTER_CUTOFF_MODES:
         raise InvalidInputError("after_cutoff", after_cutoff, f"choose one of {', '.join(AFTER_CUTOFF_MODES)}")
     if cosine_space not in COSINE_SPACES:

@@ -162,3 +162,36 @@ def test_random_api_prompts_get_the_packs_answers_and_write_nothing(server, host
         new = {path for path in after - before if not path.startswith(("base/user", "base/temp", "comfyui.log"))
                and not path.endswith(".log")}
         assert not new, new
+
+
+#: guiders share their patch node's settings table
+SHARED_TABLES = {"FastGuidance_AdaptiveGuider": "FastGuidance_AdaptiveGuidance",
+                 "FastGuidance_CompressGuider": "FastGuidance_CompressGuidance"}
+
+
+def test_the_readme_states_every_enforced_range(host):
+    """Each node's README table (and so its help page) gives every number input the range the pack enforces,
+    written as the pack's messages write it ("0–1.0001")."""
+    from pathlib import Path
+
+    validation = pack_module(host, "fastguidance.validation")
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+
+    def rows_of(node_id: str) -> dict[str, str]:
+        section = readme.split(f"`{node_id}`", 1)[1].split("\n### ", 1)[0]
+        rows = {}
+        for line in section.splitlines():
+            if line.startswith("| `"):
+                for name in line.split("|")[1].replace("`", "").split(","):
+                    rows[name.strip()] = line
+        return rows
+
+    missing = []
+    for node_id in pack_nodes(host):
+        rows = {**(rows_of(SHARED_TABLES[node_id]) if node_id in SHARED_TABLES else {}), **rows_of(node_id)}
+        for name, spec in widget_inputs(host, node_id).items():
+            if spec[0] in ("INT", "FLOAT"):
+                expected = f"{validation._number(spec[1]['min'])}–{validation._number(spec[1]['max'])}"
+                if expected not in rows.get(name, ""):
+                    missing.append(f"{node_id}.{name}: {expected} (row: {rows.get(name, 'absent')})")
+    assert not missing, "\n".join(missing)
