@@ -165,3 +165,43 @@ def test_matched_window_and_verdict():
     assert matched_window_steps(40.4, 20) == 20 and matched_window_steps(45.0, 20) is None
     assert verdict([0.01, 0.03]) == "better" and verdict([-0.03, -0.001]) == "worse"
     assert verdict([-0.01, 0.02]) == "no real difference" and verdict(None) is None
+
+
+# --------------------------------------------------------------------------------------------------
+# the reference training commands: the same one-line refusals, before any model is loaded
+
+
+@pytest.mark.parametrize("arguments, option", [
+    (["adapters", "--steps", "0"], "--steps"), (["model", "--width", "12"], "--width"),
+    (["model", "--width", "4"], "--width"), (["model", "--caption-noise", "0.5"], "--caption-noise"),
+    (["adapters", "--caption-noise", "0.1"], "--caption-noise"), (["classifier", "--cost-weight", "1"], "--cost-weight"),
+    (["step_predictor", "--batch", "-2"], "--batch"), (["step_predictor", "--cost-weight", "-1"], "--cost-weight"),
+    (["adapters", "--seed", "-1"], "--seed"), (["adapters"], "--out"),  # the shipped file exists, no --overwrite
+])
+def test_training_commands_refuse_bad_options_in_one_line(tmp_path, capsys, monkeypatch, arguments, option):
+    from fastguidance.reference import train
+
+    monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("a model was loaded before the options were checked"))
+    with pytest.raises(SystemExit) as exit_status:
+        train.main(arguments)
+    assert exit_status.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith(f"python -m fastguidance.reference.train: error: {option} = ")
+
+
+def test_training_commands_check_the_output_file_up_front(tmp_path, capsys, monkeypatch):
+    from fastguidance.reference import train
+
+    monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("a model was loaded before the options were checked"))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    for out, message in [(tmp_path / "adapters.pt", ".safetensors"), (blocker / "sub" / "a.safetensors", "cannot create"),
+                         (tmp_path / "CON.safetensors", "reserves"), (tmp_path / "a:b.safetensors", "plain file name")]:
+        with pytest.raises(SystemExit):
+            train.main(["adapters", "--out", str(out)])
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and "--out = " in error and message in error, error
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "600 adapters" in help_text and "(default: 32)" in help_text  # --width's default

@@ -25,7 +25,9 @@ import torch
 
 from .classifier import SceneClassifier, attribute_accuracy, classifier_loss, label_tensors
 from .model import ModelConfig, ReferenceModel, from_image, to_image
+from ..cli import CommandLineParser, require_writable_file, run_refusing_in_one_line
 from ..errors import InvalidInputError
+from ..validation import portable_file_name, require_number
 from ..fingerprint import weights_fingerprint
 from ..metrics import ssim
 from ..sampling import sample
@@ -249,14 +251,61 @@ def train_reference_step_predictor(model: ReferenceModel, options=REFERENCE_STEP
     return predictor.eval(), info
 
 
+#: the default training steps and batch of each command (``--steps`` / ``--batch`` left out)
+DEFAULT_STEPS = {"classifier": 1200, "model": 4000, "step_predictor": 120, "adapters": 600}
+DEFAULT_BATCH = {"classifier": 96, "model": 64, "step_predictor": 32, "adapters": 64}
+PROG = "python -m fastguidance.reference.train"
+
+
+def check_options(options: argparse.Namespace) -> None:
+    """Every option checked before any model is loaded or trained; :class:`InvalidInputError` names
+    the first bad one and its fix (one line on the command line)."""
+    if options.steps is not None:
+        require_number("--steps", options.steps, 1, 1_000_000, "use a whole number of training steps from 1 "
+                       f"(default for {options.what}: {DEFAULT_STEPS[options.what]})", integer=True)
+    if options.batch is not None:
+        require_number("--batch", options.batch, 1, 4096, "use a whole number of examples per step from 1 to 4096 "
+                       f"(default for {options.what}: {DEFAULT_BATCH[options.what]})", integer=True)
+    require_number("--seed", options.seed, 0, 2**63 - 1, "use a whole number from 0 to 2**63 − 1", integer=True)
+    require_number("--width", options.width, 8, 512, f"use a multiple of 8 from 8 to 512 (default {ModelConfig.width}; "
+                   "GroupNorm's 8 groups need it)", integer=True)
+    if options.width % 8:
+        raise InvalidInputError("--width", options.width, f"use a multiple of 8 (GroupNorm's 8 groups), e.g. "
+                                                          f"{max(8, options.width // 8 * 8)}")
+    caption_fix = f"use a share of words from 0 (exact captions) to below {MAX_CAPTION_NOISE}"
+    require_number("--caption-noise", options.caption_noise, 0.0, MAX_CAPTION_NOISE, caption_fix)
+    if options.caption_noise >= MAX_CAPTION_NOISE:
+        raise InvalidInputError("--caption-noise", options.caption_noise, caption_fix)
+    require_number("--cost-weight", options.cost_weight, 0.0, 10.0,
+                   "use λ from 0 (quality only) to 10 (default 0.1: steps cost a little)")
+    for option, given in (("--loss-weighting", options.loss_weighting != "epsilon"),
+                          ("--query-coordinates", options.query_coordinates), ("--caption-noise", options.caption_noise)):
+        if given and options.what != "model":
+            raise InvalidInputError(option, getattr(options, option[2:].replace("-", "_")),
+                                    f"it only applies to `model`, not `{options.what}`; leave it out")
+    if options.what != "step_predictor" and options.cost_weight != 0.1:
+        raise InvalidInputError("--cost-weight", options.cost_weight, "it only applies to `step_predictor`; leave it out")
+    out = options.out or {"adapters": ADAPTERS_PATH, "step_predictor": STEP_PREDICTOR_PATH,
+                          "classifier": CLASSIFIER_PATH, "model": MODEL_PATH}[options.what]
+    if out.suffix != ".safetensors":
+        raise InvalidInputError("--out", str(out), "name a .safetensors file (the pack's files are safetensors)")
+    portable_file_name(out.name, "--out")
+    require_writable_file("--out", out, must_exist=False)
+    _refuse_overwrite(out, options.overwrite)
+    if options.what in ("adapters", "step_predictor") and not MODEL_PATH.is_file():
+        raise InvalidInputError(options.what, str(MODEL_PATH), "the reference model is missing; train it first with "
+                                                               f"`{PROG} model`")
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m fastguidance.reference.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("classifier", "model", "step_predictor", "adapters"))
-    parser.add_argument("--steps", type=int, help="training steps (default: 1200 classifier, 4000 model, 120 step_predictor, 600 adapters)")
-    parser.add_argument("--batch", type=int)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--width", type=int, default=ModelConfig.width, help="model channels at 32×32")
+    parser = CommandLineParser(prog=PROG, description=__doc__)
+    parser.add_argument("what", choices=("classifier", "model", "step_predictor", "adapters"), help="what to train")
+    parser.add_argument("--steps", type=int, help="training steps (default: " + ", ".join(
+        f"{steps} {what}" for what, steps in DEFAULT_STEPS.items()) + ")")
+    parser.add_argument("--batch", type=int, help="examples per step (default: " + ", ".join(
+        f"{batch} {what}" for what, batch in DEFAULT_BATCH.items()) + ")")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data and the initial weights")
+    parser.add_argument("--width", type=int, default=ModelConfig.width, help="model: channels at 32×32, a multiple of 8")
     parser.add_argument("--loss-weighting", choices=LOSS_WEIGHTINGS, default="epsilon",
                         help="model: weight of the epsilon loss per noise level (default epsilon = 1; v = (1 + σ²) / its schedule mean; "
                              "high_noise = 5 where σ ≥ 5, else 1, over its schedule mean)")
@@ -265,11 +314,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--query-coordinates", action="store_true",
                         help="model: add each pixel's (x, y) to the cross-attention queries (ModelConfig.query_coordinates)")
     parser.add_argument("--cost-weight", type=float, default=0.1, help="step_predictor: λ of the reward (default 0.1)")
-    parser.add_argument("--out", type=Path, help="output file (default: the shipped weights)")
+    parser.add_argument("--out", type=Path, help="output .safetensors file (default: the shipped weights; its folder "
+                                                 "is checked writable before training)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing file")
     options = parser.parse_args(argv)
-    if options.what != "model" and (options.loss_weighting != "epsilon" or options.query_coordinates or options.caption_noise):
-        parser.error("--loss-weighting, --query-coordinates and --caption-noise only apply to `model`")
+    run_refusing_in_one_line(PROG, lambda: _train(options))
+
+
+def _train(options: argparse.Namespace) -> None:
+    check_options(options)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if options.what == "adapters":
@@ -284,8 +337,8 @@ def main(argv: list[str] | None = None) -> None:
             if step % 50 == 0 or step == total:
                 log.info("adapters step %d/%d loss %.5f (%.0f s)", step, total, loss, time.perf_counter() - began)
 
-        adapters, info = train_reference_adapters(load_model(MODEL_PATH), train_steps=options.steps or 600,
-                                                  batch=options.batch or 64, seed=options.seed, progress=report)
+        adapters, info = train_reference_adapters(load_model(MODEL_PATH), train_steps=options.steps or DEFAULT_STEPS["adapters"],
+                                                  batch=options.batch or DEFAULT_BATCH["adapters"], seed=options.seed, progress=report)
         save_adapters(adapters, out, info, overwrite=options.overwrite)
         log.info("adapters: %d parameters (%.1f%% of the UNet), final loss %.5f in %.0f s -> %s",
                  adapters.count_parameters(), 100 * adapters.count_parameters() / info["base_parameters"],
@@ -293,8 +346,8 @@ def main(argv: list[str] | None = None) -> None:
     elif options.what == "step_predictor":
         out = options.out or STEP_PREDICTOR_PATH
         _refuse_overwrite(out, options.overwrite)
-        predictor, info = train_reference_step_predictor(load_model(MODEL_PATH), iterations=options.steps or 120,
-                                                         batch=options.batch or 32, cost_weight=options.cost_weight,
+        predictor, info = train_reference_step_predictor(load_model(MODEL_PATH), iterations=options.steps or DEFAULT_STEPS["step_predictor"],
+                                                         batch=options.batch or DEFAULT_BATCH["step_predictor"], cost_weight=options.cost_weight,
                                                          seed=options.seed, progress=True)
         save_step_predictor(predictor, out, info, overwrite=options.overwrite)
         log.info("step predictor: final mean reward %.4f in %.0f s -> %s", sum(info["reward_curve"][-10:]) / 10,
@@ -302,14 +355,14 @@ def main(argv: list[str] | None = None) -> None:
     elif options.what == "classifier":
         out = options.out or CLASSIFIER_PATH
         _refuse_overwrite(out, options.overwrite)
-        classifier, info = train_classifier(options.steps or 1200, options.batch or 96, options.seed, progress=True)
+        classifier, info = train_classifier(options.steps or DEFAULT_STEPS["classifier"], options.batch or DEFAULT_BATCH["classifier"], options.seed, progress=True)
         save_classifier(classifier, info, out, overwrite=options.overwrite)
         log.info("classifier: test accuracy %.4f in %.0f s -> %s", info["test_accuracy"], info["seconds"], out)
     else:
         out = options.out or MODEL_PATH
         _refuse_overwrite(out, options.overwrite)
         config = ModelConfig(width=options.width, query_coordinates=options.query_coordinates)
-        model, info = train_model(options.steps or 4000, options.batch or 64, options.seed,
+        model, info = train_model(options.steps or DEFAULT_STEPS["model"], options.batch or DEFAULT_BATCH["model"], options.seed,
                                   config=config, loss_weighting=options.loss_weighting,
                                   caption_noise=options.caption_noise, progress=True)
         save_model(model, info, out, overwrite=options.overwrite)
@@ -318,7 +371,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def _refuse_overwrite(path: Path, overwrite: bool) -> None:
     if path.exists() and not overwrite:
-        raise SystemExit(f"{path} exists; pass --overwrite to replace it (or --out to write elsewhere)")
+        raise InvalidInputError("--out", str(path), "the file exists; pass --overwrite to replace it (or --out to "
+                                                    "write elsewhere)")
 
 
 if __name__ == "__main__":
