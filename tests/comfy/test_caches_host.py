@@ -27,7 +27,11 @@ ORDERS = (CACHE_FIRST, METHOD_FIRST)
 def evaluations(module: torch.nn.Module, batch: int = 1):
     """Batch evaluations the model really runs inside the block (rows of ``module``'s inputs / batch)."""
     rows: list[int] = []
-    handle = module.register_forward_pre_hook(lambda _module, args: rows.append(args[0].shape[0]))
+
+    def count(_module, args, kwargs):
+        rows.append((args[0] if args else next(iter(kwargs.values()))).shape[0])
+
+    handle = module.register_forward_pre_hook(count, with_kwargs=True)
     counted = type("Counted", (), {})()
     try:
         yield counted
@@ -72,6 +76,11 @@ def chain(host, model, order: str, cache, method_name: str):
     return cache(host, method(host, model, method_name))
 
 
+def is_full(record) -> bool:
+    """The engine evaluated the uncond in this call (some sample's action was FULL)."""
+    return any(action.name == "FULL" for action in record.actions)
+
+
 def sample(host, model, conds, **kwargs):
     """KSampler on the tiny UNet (cfg 6, euler, 10 steps); returns (latent, evaluations the model ran)."""
     with evaluations(first_layer(model), kwargs.get("batch", 1)) as counted:
@@ -101,7 +110,7 @@ def test_easycache_beside_a_method_spends_fewer_evaluations_than_either_alone(ho
     assert summary.cached > 0 and summary.uncond_skipped > 0
     assert summary.evaluations + summary.cached + summary.uncond_skipped == 2 * STEPS
     assert [record.evaluations + record.cached for record in runs[-1].records] == \
-        [2 if "FULL" in [action.name for action in record.actions] else 1 for record in runs[-1].records]
+        [2 if is_full(record) else 1 for record in runs[-1].records]
 
 
 def test_the_log_line_and_the_page_message_name_what_easycache_answered(host, tiny_model, conds, runs, caplog):
@@ -190,3 +199,159 @@ def test_without_a_cache_nothing_is_counted_twice(host, tiny_model, conds, runs)
     _, counted = sample(host, method(host, tiny_model, "ag"), conds)
     summary = runs[-1].summary()
     assert summary.evaluations == counted and summary.cached == 0 and summary.cache_name == ""
+
+
+# --------------------------------------------------------------------------------------------------
+# Skip Layer Guidance (tiny Flux DiT: two double blocks, one single block)
+
+FLUX_STEPS = 6
+SKIPPED_BLOCK = 1  # the double block SLG skips
+
+
+@pytest.fixture(scope="module")
+def flux(host):
+    """(model, positive, negative) for the tiny Flux, the prompt mattering (as in the AG host tests)."""
+    model = host_models.patcher(host_models.tiny_flux_model(seed=0))
+    positive, negative = make_conds()
+    pooled = torch.randn(2, 16, generator=torch.Generator().manual_seed(4))
+    return (model, [[positive[0][0][:, :16], {"pooled_output": pooled[:1]}]],
+            [[negative[0][0][:, :16], {"pooled_output": pooled[1:]}]])
+
+
+def sample_flux(host, flux, model):
+    """KSampler (cfg 4, euler, simple) on the tiny Flux; returns (latent, evaluations the model ran, evaluations
+    that ran the double block SLG skips)."""
+    diffusion_model = flux[0].model.diffusion_model
+    with evaluations(diffusion_model.img_in) as passes, evaluations(diffusion_model.double_blocks[SKIPPED_BLOCK]) as kept:
+        out = ksampler(host, model, flux[1], flux[2], cfg=4.0, scheduler="simple", steps=FLUX_STEPS,
+                       latent_image=latent(1, channels=16))
+    return out, passes.evaluations, kept.evaluations
+
+
+def slg_simple(host, model):
+    return host.call("SkipLayerGuidanceDiTSimple", model, 0.0, 1.0, str(SKIPPED_BLOCK), "")[0]
+
+
+def slg_dit(host, model):
+    return host.call("SkipLayerGuidanceDiT", model, 3.0, 0.0, 1.0, str(SKIPPED_BLOCK), "", 0.0)[0]
+
+
+def slg_sd3(host, model):
+    return host.call("SkipLayerGuidanceSD3", model, str(SKIPPED_BLOCK), 3.0, 0.0, 1.0)[0]
+
+
+SLG_NODES = {"SkipLayerGuidanceDiTSimple": slg_simple, "SkipLayerGuidanceDiT": slg_dit,
+             "SkipLayerGuidanceSD3": slg_sd3}
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("slg", SLG_NODES)
+def test_skip_layer_guidance_with_a_method_that_keeps_cfg_is_exactly_skip_layer_guidance(host, flux, runs, slg, order):
+    """SkipLayerGuidanceDiTSimple takes the engine's slot without chaining: applied after the FastGuidance node,
+    the engine puts itself back in front for the run and runs it. The others add a post-CFG function."""
+    model, apply = flux[0], SLG_NODES[slg]
+    alone, passes_alone, _ = sample_flux(host, flux, apply(host, model))
+    plain, _, _ = sample_flux(host, flux, model)
+    patched = method(host, apply(host, model), "ag_off") if order == CACHE_FIRST else apply(host, method(host, model, "ag_off"))
+    combined, passes, _ = sample_flux(host, flux, patched)
+    assert (alone - plain).abs().max().item() > 0.0  # SLG changes the picture
+    assert (combined - alone).abs().max().item() == 0.0
+    assert passes == passes_alone and runs[-1].summary().calls == FLUX_STEPS
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_skip_layer_guidance_simple_modifies_every_uncond_the_engine_evaluates(host, flux, runs, order):
+    model = flux[0]
+    patched = method(host, slg_simple(host, model), "ag_paper") if order == CACHE_FIRST \
+        else slg_simple(host, method(host, model, "ag_paper"))
+    _, passes, kept = sample_flux(host, flux, patched)
+    records = runs[-1].records
+    full = sum(1 for record in records if is_full(record))
+    assert len(records) == FLUX_STEPS and 0 < full < FLUX_STEPS  # AG cut, SLG's uncond was evaluated before
+    assert passes - kept == full  # every uncond pass skipped the block; SLG evaluates cond and uncond apart
+    assert passes == FLUX_STEPS + full == runs[-1].summary().evaluations
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("slg", ["SkipLayerGuidanceDiT", "SkipLayerGuidanceSD3"])
+def test_post_cfg_skip_layer_guidance_keeps_its_pass_beside_a_method(host, flux, runs, slg, order):
+    model, apply = flux[0], SLG_NODES[slg]
+    patched = method(host, apply(host, model), "ag_paper") if order == CACHE_FIRST \
+        else apply(host, method(host, model, "ag_paper"))
+    _, passes, kept = sample_flux(host, flux, patched)
+    summary = runs[-1].summary()
+    assert summary.uncond_skipped > 0
+    assert passes - kept == FLUX_STEPS  # its extra cond pass with the block skipped, at every step of its window
+    assert passes == summary.evaluations + FLUX_STEPS  # the engine's count is its own evaluations
+
+
+# --------------------------------------------------------------------------------------------------
+# The host's newer guidance nodes (0.33)
+
+
+def host_node(host, node_id: str):
+    if node_id not in host.nodes.NODE_CLASS_MAPPINGS:
+        pytest.skip(f"{node_id} is not in this host (added after 0.3.64)")
+    return node_id
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_cfg_override_window_passes_through_the_engine(host, tiny_model, conds, runs, order):
+    """CFG Override sets cfg 1 in its window (here the second half): those calls have no uncond, so the engine
+    leaves them alone; it decides on the others. With a method that keeps CFG it is exactly CFG Override alone."""
+    node_id = host_node(host, "CFGOverride")
+    override = lambda h, m: h.call(node_id, m, 1.0, 0.5, 1.0)[0]  # noqa: E731
+    alone, counted_alone = sample(host, override(host, tiny_model), conds)
+    kept, counted = sample(host, chain(host, tiny_model, order, override, "ag_off"), conds)
+    assert (kept - alone).abs().max().item() == 0.0 and counted == counted_alone
+    overridden = STEPS - runs[-1].summary().calls
+    assert 0 < overridden < STEPS and counted_alone == 2 * STEPS - overridden
+    _, counted = sample(host, chain(host, tiny_model, order, override, "ag"), conds)
+    summary = runs[-1].summary()
+    assert summary.calls == STEPS - overridden and summary.uncond_skipped > 0 and summary.cached == 0
+    assert counted == summary.evaluations + overridden
+
+
+def custom_sample(host, guider, steps=STEPS):
+    import comfy.samplers
+
+    sigmas = comfy.samplers.calculate_sigmas(guider.model_patcher.get_model_object("model_sampling"), "normal", steps)
+    return host.call("SamplerCustomAdvanced", host.call("RandomNoise", 3)[0], guider, host.call("KSamplerSelect", "euler")[0],
+                     sigmas.cpu(), latent())[0]["samples"]
+
+
+def test_dual_model_cfg_guider(host, tiny_model, conds, runs, caplog):
+    """Without a negative model it is the stock CFGGuider, so the engine works; with one it evaluates the conds
+    itself (its own calc_cond_batch calls), the engine is never called and says so, and the result is unchanged."""
+    node_id = host_node(host, "DualModelGuider")
+    positive, negative = conds
+    patched = method(host, tiny_model, "ag")
+    with evaluations(first_layer(tiny_model)) as counted:
+        custom_sample(host, host.call(node_id, patched, positive, 6.0, None, negative)[0])
+    assert runs[-1].summary().calls == STEPS and runs[-1].summary().uncond_skipped > 0
+    assert counted.evaluations == runs[-1].summary().evaluations
+    negative_model = host_models.patcher(host_models.tiny_model(seed=1))
+    stock = custom_sample(host, host.call(node_id, tiny_model, positive, 6.0, negative_model, negative)[0])
+    runs.clear()
+    with caplog.at_level(logging.WARNING, logger="fastguidance"):
+        dual = custom_sample(host, host.call(node_id, patched, positive, 6.0, negative_model, negative)[0])
+    assert (dual - stock).abs().max().item() == 0.0
+    assert "never called the guidance engine" in caplog.text and runs[-1].summary().calls == 0
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_normalized_attention_guidance_needs_the_uncond_in_the_batch(host, tiny_model, conds, runs, order):
+    """NAG (cfg 1, the uncond kept by disable_cfg1_optimization) pushes the cond's self-attention away from the
+    uncond's in the same batch. With a method that keeps CFG: exactly NAG alone. A method that skips the uncond
+    removes NAG from those calls (the README says so): the run is cond only there, and the picture changes."""
+    node_id = host_node(host, "NAGuidance")
+    nag = lambda h, m: h.call(node_id, m, 5.0, 0.5, 1.5)[0]  # noqa: E731
+    alone, counted_alone = sample(host, nag(host, tiny_model), conds, cfg=1.0)
+    plain, _ = sample(host, tiny_model, conds, cfg=1.0)
+    kept, counted = sample(host, chain(host, tiny_model, order, nag, "ag_off"), conds, cfg=1.0)
+    assert (alone - plain).abs().max().item() > 0.0 and counted_alone == 2 * STEPS
+    assert (kept - alone).abs().max().item() == 0.0 and counted == counted_alone
+    cut, counted = sample(host, chain(host, tiny_model, order, nag, "compg"), conds, cfg=1.0)
+    summary = runs[-1].summary()
+    assert summary.uncond_skipped > 0 and counted == summary.evaluations < counted_alone
+    assert (cut - alone).abs().max().item() > 0.0
