@@ -1,11 +1,13 @@
 // Drives the real ComfyUI frontend in Debian's Chromium (playwright-core, no browser download):
 // opens every example workflow of the pack, shrinks it for a CPU (steps, image size, calibration
 // runs), queues it, waits for the run, checks that FastGuidance's chart was drawn on the patch
-// nodes, takes a screenshot, and reports page errors. Called by tests/comfy/test_browser.py.
+// nodes and that the loaders list the files made earlier in the page session, takes a screenshot, and
+// reports page errors. Called by tests/comfy/test_browser.py.
 //
 //   node tests/browser/run_workflows.mjs <server url> <output folder> <chromium path> <pack folder>
 //
-// Prints one JSON object on stdout: {workflows: [{name, ok, error, charts, screenshot}], errors, reload}.
+// Prints one JSON object on stdout: {workflows: [{name, ok, error, charts, loaders, laterRun, screenshot}],
+// errors, reload}.
 import { mkdirSync } from "node:fs";
 import { join } from "node:path";
 import { chromium } from "playwright-core";
@@ -23,7 +25,9 @@ const page = await browser.newPage({ viewport: { width: 1700, height: 1000 } });
 const errors = [];
 page.on("pageerror", (error) => errors.push(`pageerror: ${error.message} @ ${String(error.stack || "").split("\n").slice(1, 4).join(" / ")}`));
 page.on("console", (message) => {
-  if (message.type() === "error") errors.push(`console: ${message.text()}`);
+  // where it was logged: the frontend's /assets/ or the pack's /extensions/<pack>/ files
+  const where = String(message.location()?.url || "").replace(/^https?:\/\/[^/]+/, "");
+  if (message.type() === "error") errors.push(`console: ${message.text()} @ ${where}`);
 });
 
 async function openApp() {
@@ -33,28 +37,83 @@ async function openApp() {
   await page.waitForTimeout(1500); // extensions finish registering
 }
 
-async function loadTemplate(name) {
-  // Through the template browser, as a user does: Templates → Custom Nodes → <pack> → the card.
-  const dialogTitle = page.getByText("Get Started with a Template");
-  if (!(await dialogTitle.count())) {
-    await page.evaluate(() => window.app.extensionManager.command.execute("Comfy.BrowseTemplates"));
-    await dialogTitle.first().waitFor({ timeout: 30_000 });
+async function execute(command) {
+  await page.evaluate((id) => window.app.extensionManager.command.execute(id), command);
+}
+
+async function visible(locator) {
+  return (await locator.count()) > 0 && locator.first().isVisible().catch(() => false);
+}
+
+async function openPackTemplates() {
+  // Both frontends list the pack's example_workflows under its folder name: 1.27 in "Get Started with
+  // a Template" (Custom Nodes → <pack>), 1.49 in "Templates" (Extensions → <pack>, a group that may be
+  // folded; the dialog opens by itself at start). Go by what the page shows, not by its version.
+  const packItem = page.getByText(packFolder, { exact: true });
+  const deadline = Date.now() + 60_000;
+  let asked = false;
+  while (Date.now() < deadline) {
+    if (await visible(packItem)) {
+      await packItem.first().click();
+      return;
+    }
+    const group = page.locator('[role="dialog"]').getByText(/^(Extensions|Custom Nodes)$/);
+    if (await visible(group)) {
+      await group.first().click();
+    } else if (!asked && !(await visible(page.locator('[role="dialog"]')))) {
+      await execute("Comfy.BrowseTemplates");
+      asked = true;
+    }
+    await page.waitForTimeout(500);
   }
-  await page.getByText(packFolder, { exact: true }).first().click();
+  throw new Error(`the template browser shows no "${packFolder}" entry`);
+}
+
+async function loadTemplate(name) {
+  // Through the template browser, as a user does: Templates → <pack> → the card.
+  await page.evaluate(() => { window.fastguidanceOldNodes = new Set(window.app.graph.nodes); });
+  await openPackTemplates();
   const card = page.locator(`[data-testid="template-workflow-${name}"]`).first();
   // the grid shows its first cards and loads more as it is scrolled
   for (let i = 0; i < 20 && !(await card.count()); i++) {
-    await page.getByText(packFolder, { exact: true }).first().waitFor();
     await page.mouse.move(1000, 600);
     await page.mouse.wheel(0, 1500);
     await page.waitForTimeout(400);
   }
   await card.scrollIntoViewIfNeeded();
   await card.click();
-  await page.waitForFunction((expected) => window.app.graph.nodes.length > 0
-    && !document.body.innerText.includes("Get Started with a Template"), name, { timeout: 60_000 });
+  // loaded: the graph holds new nodes and no template card is shown any more
+  await page.waitForFunction(() => window.app.graph.nodes.length > 0
+    && window.app.graph.nodes.every((node) => !window.fastguidanceOldNodes.has(node))
+    && !document.querySelector('[data-testid^="template-workflow-"]'), null, { timeout: 60_000 });
+  await page.waitForTimeout(500); // 1.49 checks the loaders' files just after the graph is configured
   await closeDialogs();
   return page.evaluate(() => window.app.graph.nodes.map((node) => node.type));
+}
+
+async function loaders() {
+  // Every file choice of the pack's nodes: listed by its widget, and the node not flagged (1.49 outlines
+  // a loader whose file is not in its list in red; `has_errors` is that flag, also set by a refused run).
+  return page.evaluate(() => window.app.graph.nodes
+    .filter((node) => String(node.type).startsWith("FastGuidance_"))
+    .flatMap((node) => (node.widgets || [])
+      .filter((widget) => widget.type === "combo" && String(widget.value).endsWith(".safetensors"))
+      .map((widget) => ({ id: node.id, type: node.type, widget: widget.name, value: widget.value, muted: node.mode !== 0,
+        listed: Array.isArray(widget.options?.values) && widget.options.values.includes(widget.value),
+        flagged: Boolean(node.has_errors) }))));
+}
+
+async function unmuteAll() {
+  // "muted for later runs": select the workflow's muted nodes and unmute them with the host's command
+  return page.evaluate(async () => {
+    const app = window.app;
+    const muted = app.graph.nodes.filter((node) => node.mode === 2);
+    if (!muted.length) return [];
+    app.canvas.selectNodes(muted);
+    await app.extensionManager.command.execute("Comfy.Canvas.ToggleSelectedNodes.Mute");
+    app.canvas.deselectAll?.();
+    return muted.filter((node) => node.mode === 0).map((node) => node.type);
+  });
 }
 
 async function closeDialogs() {
@@ -66,20 +125,34 @@ async function closeDialogs() {
 }
 
 async function shrinkForCpu() {
-  // Same graph, CPU-sized: 3 steps, 64×64 images, one calibration run.
+  // Same graph, CPU-sized: 3 steps, 64×64 images (video latents: 5 frames), one calibration run.
   await page.evaluate(() => {
+    const STEPS = 3;
+    const widgetOf = (node, name) => node.widgets?.find((w) => w.name === name);
     const set = (node, name, value) => {
-      const widget = node.widgets?.find((w) => w.name === name);
+      const widget = widgetOf(node, name);
       if (widget) widget.value = value;
     };
     for (const node of window.app.graph.nodes) {
+      if (node.type === "KSamplerAdvanced") {
+        // a two-stage workflow (Wan 2.2's high- and low-noise models) keeps each stage's share of the steps;
+        // end_at_step 10000 means "to the end"
+        const steps = widgetOf(node, "steps")?.value;
+        const scale = (name) => {
+          const widget = widgetOf(node, name);
+          if (widget && steps && widget.value < steps) widget.value = Math.round((widget.value * STEPS) / steps);
+        };
+        scale("start_at_step");
+        scale("end_at_step");
+      }
       if (["KSampler", "KSamplerAdvanced", "BasicScheduler", "FastGuidance_LinearAGCalibrate",
         "FastGuidance_Tune"].includes(node.type)) {
-        set(node, "steps", 3);
+        set(node, "steps", STEPS);
       }
-      if (node.type === "EmptyLatentImage") {
+      if (/^Empty.*Latent/.test(node.type)) { // EmptyLatentImage, EmptySD3LatentImage, Empty…LatentVideo
         set(node, "width", 64);
         set(node, "height", 64);
+        set(node, "length", 5);
       }
       if (node.type === "FastGuidance_LinearAGCalibrate") set(node, "runs", 1);
       if (node.type === "FastGuidance_TrainGuidanceAdapter") {
@@ -175,10 +248,12 @@ const makesFile = (name) => (/calibrate|train/.test(name) ? 0 : 1);
 const names = [...(templates[packFolder] || [])].sort((a, b) => makesFile(a) - makesFile(b) || a.localeCompare(b));
 const workflows = [];
 for (const name of names) {
-  const entry = { name, ok: false, error: null, charts: [], screenshot: null, nodes: [], pageErrors: [] };
+  const entry = { name, ok: false, error: null, charts: [], screenshot: null, nodes: [], loaders: [], pageErrors: [] };
   const errorsBefore = errors.length;
   try {
     entry.nodes = await loadTemplate(name);
+    // files made by the workflows run before (calibration, training) are in the loaders' lists
+    entry.loaders = await loaders();
     await shrinkForCpu();
     const result = await queueAndWait();
     entry.ok = result.ok;
@@ -191,6 +266,15 @@ for (const name of names) {
     entry.screenshot = join(outDir, `${name}.png`);
     await page.screenshot({ path: entry.screenshot });
     entry.chartShots = await chartCloseUps(name);
+    // nodes muted "for later runs" (Tune's preset loader): unmuted in the same page, they list the file
+    // this run wrote, are not flagged, and run
+    const unmuted = entry.ok ? await unmuteAll() : [];
+    if (unmuted.length) {
+      await page.waitForTimeout(1000); // 1.49 checks an unmuted node's files at once
+      const later = { unmuted, loaders: await loaders() };
+      Object.assign(later, await queueAndWait());
+      entry.laterRun = later;
+    }
   } catch (error) {
     entry.error = String(error?.message || error);
   }
