@@ -66,6 +66,8 @@ class BenchSettings:
     scheduler: str = "karras"
     batch: int = 16
     methods: tuple[str, ...] = ()  # empty: all
+    #: only the references, each method at its defaults, the guidance interval and the combinations
+    defaults_only: bool = False
     resamples: int = 1000  # bootstrap resamples of the prompts (adherence, SSIM)
     frechet_resamples: int = 200  # the first of them, for the Fréchet distance (an eigensolve each)
 
@@ -202,9 +204,16 @@ class Sampled:
         return sum(self.evaluations) / len(self.evaluations)
 
 
-def selected_variants(methods: tuple[str, ...]) -> list[BenchVariant]:
-    """The rows to run: every variant, or those of ``methods`` and always CFG (the reference)."""
-    return [v for v in all_variants() if not methods or v.method in methods or v.method == "cfg"]
+def selected_variants(methods: tuple[str, ...], defaults_only: bool = False) -> list[BenchVariant]:
+    """The rows to run: every variant, or those of ``methods``, and always CFG (the reference). With
+    ``defaults_only``, of those only no guidance, CFG, each method's row at its node's defaults, the
+    guidance interval and the combinations (``+``): about a third of the full run's work."""
+    def core(variant: BenchVariant) -> bool:
+        return (variant.defaults or variant.method in ("none", "guidance_interval") or "+" in variant.method
+                or (variant.method == "cfg" and not variant.settings))
+
+    return [v for v in all_variants() if (not methods or v.method in methods or v.method == "cfg")
+            and (not defaults_only or core(v))]
 
 
 def method_names() -> list[str]:
@@ -236,7 +245,7 @@ def run_bench(settings: BenchSettings, out: Path, model: ReferenceModel | None =
     the progress line (``None``: quiet)."""
     model = model or load_model(MODEL_PATH)
     classifier = classifier or load_classifier(CLASSIFIER_PATH)
-    variants = selected_variants(settings.methods)
+    variants = selected_variants(settings.methods, settings.defaults_only)
     scenes = bench_scenes(settings)
     prompts = [scene.prompt for scene in scenes]
     generator = torch.Generator().manual_seed(settings.seed)
@@ -481,6 +490,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated methods to run (default: all). cfg always runs, and so do the CFG windows "
                              "matching the other rows' evaluations; naming cfg_window adds a window at every step count. "
                              f"Methods: {', '.join(method_names())}")
+    parser.add_argument("--defaults-only", action="store_true",
+                        help="only no guidance, CFG, each method at its node's defaults, the guidance interval, the "
+                             "combinations and their matched windows: about a third of the full run's work")
     parser.add_argument("--steps", type=int, default=defaults.steps, help=f"sampling steps, {LIMITS['--steps'][0]}–{LIMITS['--steps'][1]}")
     parser.add_argument("--samples", type=int, default=defaults.samples,
                         help=f"prompts, one image each ({LIMITS['--samples'][0]}–{LIMITS['--samples'][1]}); more prompts "
@@ -538,7 +550,8 @@ def settings_from_options(options: argparse.Namespace) -> BenchSettings:
             raise InvalidInputError("--update-readme", str(options.update_readme),
                                     f"the file has no {README_START} … {README_END} markers; add them where the table goes")
     return BenchSettings(options.steps, options.samples, held_out, options.scale, options.seed, options.sampler,
-                         options.scheduler, options.batch, methods, options.resamples, options.frechet_resamples)
+                         options.scheduler, options.batch, methods, options.defaults_only, options.resamples,
+                         options.frechet_resamples)
 
 
 def main(options: argparse.Namespace) -> None:

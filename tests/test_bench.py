@@ -159,6 +159,17 @@ def test_progress_line_shows_elapsed_and_what_is_left():
     assert "1m00s elapsed, about 1m00s left · calibrating LinearAG" in lines[0]
 
 
+def test_defaults_only_keeps_the_references_defaults_interval_and_combinations():
+    from fastguidance.bench import selected_variants
+
+    labels = [variant.label for variant in selected_variants((), defaults_only=True)]
+    assert labels[:2] == ["none", "cfg"] and "cfg scale=2.0" not in labels
+    assert {"ag (defaults)", "compg (defaults)", "linear_ag (defaults)", "adadiff (defaults)", "agd (defaults)",
+            "guidance_interval", "adadiff+ag", "ag+compg rate=5.0"} <= set(labels)
+    assert not any("tuned" in label or "threshold" in label for label in labels)
+    assert [v.label for v in selected_variants(("agd",), defaults_only=True)] == ["cfg", "agd (defaults)"]
+
+
 def test_matched_window_and_verdict():
     assert matched_window_steps(34.1, 20) == 14 and matched_window_steps(39.6, 20) == 20
     assert matched_window_steps(19.6, 20) == 0 and matched_window_steps(11.4, 20) is None
