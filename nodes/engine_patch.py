@@ -276,7 +276,8 @@ def _easycache_window(transformer_options: dict, wrappers: dict, model_sampling:
     batch (``uuids[0]``) of its first call inside its window (``end < sigma <= start``) and, for the rest
     of the run, decides only in calls that contain it; the host batches the uncond before the cond.
     So with stock batching it picks the uncond, and it never skips a call in which FastGuidance skips
-    the uncond (measured on the tiny model: 5 of 10 steps skipped alone, 1 of 10 beside AG or CompG).
+    the uncond (tiny SD1.5 UNet, 10 steps, ``benchmarks/host_caches.py``: EasyCache from step 0 skips 5
+    steps alone and none beside AG or CompG at their defaults; at its defaults, 1 beside AG's paper rule).
     The engine therefore evaluates the cond alone, then the uncond, in the one call where EasyCache
     picks (same evaluations, two forward passes instead of one batched); EasyCache then decides on the
     cond, which every call evaluates, and skips whole calls, uncond included, as it does alone.
