@@ -3,8 +3,11 @@
 Attach points (COMFYUI.md §4):
 - SD1.x / SD2.x / SDXL UNets: every cross-attention output, through ``attn2_output_patch``; named
   ``input.3.0`` = (block kind, block id, transformer index within the block), as the host names them;
-- Flux-family DiTs: the image stream after every double block, through ``patches_replace["dit"]``
-  entries ``("double_block", i)`` (a patch already in a slot is chained); named ``double_block.i``.
+- DiTs whose blocks the host offers as ``patches_replace["dit"]`` entries ``("double_block", i)`` with the
+  image stream under ``"img"`` and the call's ``transformer_options`` (:data:`DIT_FAMILIES`): Flux-family
+  double blocks, Wan 2.1/2.2 blocks (5-D video latents, flattened to tokens by the host), SD3.x joint blocks
+  and Qwen-Image transformer blocks: the image stream after every block (a patch already in a slot is
+  chained); named ``double_block.i``, as the host keys them.
 
 At run time an ``APPLY_MODEL`` wrapper binds the adapters once per model call (the conditioner
 reads ``ω``, the sigma, the prompt tokens and the model's pooled vector ``y`` where it has one) and
@@ -42,13 +45,26 @@ BOUND_KEY = "fastguidance_agd_bound"
 OMEGA_KEY = "fastguidance_agd_omega"
 #: key of the pack's APPLY_MODEL and OUTER_SAMPLE wrappers for adapters
 WRAPPER_KEY = "fastguidance_agd"
-SUPPORTED = "SD1.x, SD2.x and SDXL UNets (cross-attention outputs) and Flux-family DiTs (double blocks)"
+#: DiT families by the host's class of their diffusion model → (attribute listing the blocks that
+#: ``patches_replace["dit"][("double_block", i)]`` replaces, attribute giving the image stream's width).
+#: Only classes whose block loop passes ``"img"`` and ``"transformer_options"`` to the patch on both
+#: supported hosts (read in comfy/ldm/wan/model.py, comfy/ldm/modules/diffusionmodules/mmdit.py and
+#: comfy/ldm/qwen_image/model.py of 0.3.64 and 0.33): Wan's S2V, VACE and Animate variants add streams or
+#: other patch arguments and are not listed. Flux-family models are found by their ``double_blocks``.
+DIT_FAMILIES = {
+    "WanModel": ("blocks", "dim"),  # Wan 2.1 T2V/I2V, Wan 2.2 A14B (both models) and TI2V 5B
+    "OpenAISignatureMMDITWrapper": ("joint_blocks", "hidden_size"),  # SD3 / SD3.5
+    "QwenImageTransformer2DModel": ("transformer_blocks", "inner_dim"),  # Qwen-Image (and its Edit models)
+}
+SUPPORTED = ("SD1.x, SD2.x and SDXL UNets (cross-attention outputs); Flux-family DiTs, Wan 2.1/2.2, SD3.x and "
+             "Qwen-Image (the image stream after every double, joint or transformer block)")
 
 
 def attach_points(model: Any) -> dict[str, int]:
     """Attach point name → channels of the host model, or an error naming an unsupported architecture."""
     diffusion_model = model.model.diffusion_model
     points: dict[str, int] = {}
+    dit = DIT_FAMILIES.get(type(diffusion_model).__name__)
     video = any(hasattr(module, "time_stack") for module in diffusion_model.modules())  # SVD: names would collide
     if hasattr(diffusion_model, "input_blocks") and hasattr(diffusion_model, "output_blocks") and not video:
         middle = [diffusion_model.middle_block] if getattr(diffusion_model, "middle_block", None) is not None else []
@@ -61,6 +77,10 @@ def attach_points(model: Any) -> dict[str, int]:
                             points[f"{kind}.{block_id}.{index}"] = transformer.attn2.to_out[0].out_features
     elif hasattr(diffusion_model, "double_blocks") and hasattr(diffusion_model, "hidden_size"):
         points = {f"double_block.{i}": int(diffusion_model.hidden_size) for i in range(len(diffusion_model.double_blocks))}
+    elif dit is not None:
+        blocks, width = dit
+        points = {f"double_block.{i}": int(getattr(diffusion_model, width))
+                  for i in range(len(getattr(diffusion_model, blocks)))}
     if not points:
         raise InvalidInputError("model", model_architecture(model),
                                 f"guidance adapters attach to {SUPPORTED}; this model has no such attach point")

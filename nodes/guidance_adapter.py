@@ -34,6 +34,59 @@ from .model_identity import model_architecture, model_fingerprint, require_same_
 log = logging.getLogger("fastguidance")
 
 CHECKPOINT_SUFFIX = ".checkpoint"  # not .safetensors: checkpoints never show up in the loader's list
+#: defaults of the trainer's inputs added after it first shipped; start 0 and end 10000 record every step, as
+#: the node did before them, and frames only concern video models, which it did not support then
+RECORDING_DEFAULTS = {"frames": 33, "start_at_step": 0, "end_at_step": 10000}
+#: latent downscale ratios of 0.3.64's latent formats, which do not carry them (0.33's have
+#: ``spacial_downscale_ratio`` / ``temporal_downscale_ratio``); the values its empty-latent nodes use
+_SPATIAL_RATIOS = {"Wan22": 16, "LTXV": 32, "HunyuanImage21": 32, "HunyuanVideo15": 16}
+_TEMPORAL_RATIOS = {"Mochi": 6, "LTXV": 8, "Cosmos1CV8x8x8": 8}
+#: image models whose latent format is a video VAE's (3-D): one frame, whatever ``frames`` says (read in
+#: comfy/supported_models.py of both hosts)
+_IMAGE_MODELS_WITH_VIDEO_LATENTS = {"QwenImage", "CosmosT2IPredict2", "Anima", "Krea2", "JoyImage"}
+
+
+def latent_sample_shape(model, width: int, height: int, frames: int) -> tuple[int, ...]:
+    """One sample's latent for ``width`` × ``height`` pixels (× ``frames`` for video models), as the host's
+    empty-latent nodes make it and the sampler receives it: ``(C, H, W)`` for images, ``(C, T, H, W)`` for
+    video (Wan 2.1: 16 channels, 8× smaller; Wan 2.2 5B: 48 channels, 16× smaller; ``T = (frames − 1) / 4 + 1``)
+    and ``(C, 1, H, W)`` for image models on a video VAE (Qwen-Image: the sampler adds that axis,
+    ``comfy.sample.fix_empty_latent_channels``)."""
+    latent_format = model.get_model_object("latent_format")
+    name = type(latent_format).__name__
+    spatial = getattr(latent_format, "spacial_downscale_ratio", None) or _SPATIAL_RATIOS.get(name, 8)
+    size = (max(1, height // spatial), max(1, width // spatial))
+    config = getattr(model.model, "model_config", None)
+    image_model = any(cls.__name__ in _IMAGE_MODELS_WITH_VIDEO_LATENTS for cls in type(config).__mro__)
+    if getattr(latent_format, "latent_dimensions", 2) == 3:
+        temporal = getattr(latent_format, "temporal_downscale_ratio", None) or _TEMPORAL_RATIOS.get(name, 4)
+        return (latent_format.latent_channels, 1 if image_model else (frames - 1) // temporal + 1, *size)
+    return (latent_format.latent_channels, *size)
+
+
+def require_same_family(model, earlier_model) -> None:
+    """The model that samples the unrecorded first steps must make the latents ``model`` continues from."""
+    ours, theirs = model.get_model_object("latent_format"), earlier_model.get_model_object("latent_format")
+    if type(ours) is not type(theirs):
+        raise InvalidInputError("earlier_model", model_architecture(earlier_model),
+                                f"it makes {type(theirs).__name__} latents and model ({model_architecture(model)}) "
+                                f"{type(ours).__name__} latents: connect the model your workflow samples the first "
+                                "steps with (Wan 2.2: the high-noise model)")
+
+
+def recording_identity(sample_shape: tuple, frames: int, segment: tuple[int, int], steps: int,
+                       earlier_model) -> dict:
+    """What the recording inputs added after the node first shipped contribute to a file's metadata and a
+    checkpoint's identity: only what differs from recording every step of an image (so a checkpoint written
+    before these inputs existed still resumes)."""
+    identity: dict = {}
+    if len(sample_shape) == 4:
+        identity.update(frames=frames, latent_shape=list(sample_shape))
+    if segment != (0, steps):
+        identity["recorded_steps"] = list(segment)
+    if earlier_model is not None:
+        identity["earlier_model_fingerprint"] = model_fingerprint(earlier_model)
+    return identity
 
 
 class LoadGuidanceAdapterNode(io.ComfyNode):
@@ -102,7 +155,11 @@ def check_made_for(model, adapter: str, metadata: dict, file_points: dict, allow
         raise InvalidInputError("adapter", adapter, f"it was made for other attach points ({len(file_points)} in the "
                                                     f"file, {len(points)} in this model; differing: {missing} or "
                                                     "their widths): train adapters for this model")
-    require_same_model(model, metadata, "adapter", adapter, f"{architecture} model (", "train adapters for this model",
+    recorded = metadata.get("recorded_steps")
+    part = f"steps {recorded[0]}–{recorded[1]} of {metadata.get('trajectory_steps')}, " \
+        if isinstance(recorded, list) and len(recorded) == 2 else ""
+    # Wan 2.2's high- and low-noise models share architecture and attach points: the fingerprint tells them apart
+    require_same_model(model, metadata, "adapter", adapter, f"{architecture} model ({part}", "train adapters for this model",
                        allow_other_model, "results may differ from CFG")
 
 
@@ -198,6 +255,27 @@ class TrainGuidanceAdapterNode(io.ComfyNode):
                 io.Boolean.Input("resume", default=True,
                                  tooltip="Continue from the checkpoint an interrupted run of the same inputs left "
                                          "(the trajectories are recorded again, identically, from the seed)."),
+                # inputs added after the node first shipped: optional, and their defaults do what saved
+                # workflows without them did (RECORDING_DEFAULTS), so those load and run unchanged
+                io.Int.Input("frames", default=RECORDING_DEFAULTS["frames"], min=1, max=1025, step=4, optional=True,
+                             tooltip="Video models (Wan…): frames of the recorded samplings, 1–1025 (33). Record "
+                                     "fewer frames and a smaller width and height than you sample at to make "
+                                     "recording and training cheaper (the README says what it costs); image "
+                                     "models ignore it."),
+                io.Int.Input("start_at_step", default=RECORDING_DEFAULTS["start_at_step"], min=0, max=10000,
+                             optional=True,
+                             tooltip="First recorded step, 0–10000 (0), as in KSamplerAdvanced. Wan 2.2's "
+                                     "low-noise model: the step where your workflow switches to it (10 of 20); "
+                                     "the steps before are sampled by earlier_model, unrecorded."),
+                io.Int.Input("end_at_step", default=RECORDING_DEFAULTS["end_at_step"], min=0, max=10000,
+                             optional=True,
+                             tooltip="Recording stops at this step, 0–10000 (10000: to the end), as in "
+                                     "KSamplerAdvanced. Wan 2.2's high-noise model: the step where your workflow "
+                                     "switches to the low-noise model (10 of 20)."),
+                io.Model.Input("earlier_model", optional=True,
+                               tooltip="Samples the steps before start_at_step (with CFG, not recorded): Wan 2.2's "
+                                       "high-noise model when training the low-noise one. Unconnected: the "
+                                       "model itself samples them."),
             ],
             outputs=[io.Image.Output("loss_curve", display_name="loss_curve",
                                      tooltip="Distillation loss per step (it should fall)."),
@@ -215,7 +293,9 @@ class TrainGuidanceAdapterNode(io.ComfyNode):
     def execute(cls, model, clip, prompts: str, negative: str, omega_min: float, omega_max: float, trajectories: int,
                 steps: int, sampler_name: str, scheduler: str, width: int, height: int, train_steps: int, batch: int,
                 learning_rate: float, kind: str, adapter_width: int, seed: int, filename: str, overwrite: bool,
-                resume: bool) -> io.NodeOutput:
+                resume: bool, frames: int = RECORDING_DEFAULTS["frames"],
+                start_at_step: int = RECORDING_DEFAULTS["start_at_step"],
+                end_at_step: int = RECORDING_DEFAULTS["end_at_step"], earlier_model=None) -> io.NodeOutput:
         check_inputs(cls, locals(), *_TRAIN_CHECKS)
         began = time.perf_counter()
         if has_adapters(model):
@@ -230,17 +310,21 @@ class TrainGuidanceAdapterNode(io.ComfyNode):
         settings = TrainingSettings(train_steps, batch, learning_rate, warmup=max(1, min(100, train_steps // 20)),
                                     seed=seed % (1 << 31))
         node_id = cls.hidden.unique_id
-        latent_format = model.get_model_object("latent_format")
-        sample_shape = (latent_format.latent_channels, height // 8, width // 8)
-        estimate = trajectory_bytes(trajectories * steps, sample_shape)
-        require_room_for_trajectories(trajectories * steps, sample_shape, "trajectories", trajectories)
-        _show(node_id, f"Recording {trajectories} CFG trajectories × {steps} steps: about {format_bytes(estimate)} of "
-                       f"training data ({'on disk' if estimate > (1 << 30) else 'in memory'}), then {train_steps} "
-                       "training steps.")
-        progress = comfy.utils.ProgressBar(trajectories * steps + train_steps, node_id=node_id)
+        if earlier_model is not None:
+            require_same_family(model, earlier_model)
+        sample_shape = latent_sample_shape(model, width, height, frames)
+        segment = (start_at_step, min(end_at_step, steps))
+        recorded_steps = segment[1] - segment[0]
+        estimate = trajectory_bytes(trajectories * recorded_steps, sample_shape)
+        require_room_for_trajectories(trajectories * recorded_steps, sample_shape, "trajectories", trajectories)
+        _show(node_id, f"Recording {trajectories} CFG trajectories × {recorded_steps} steps of "
+                       f"{'×'.join(map(str, sample_shape))} latents: about {format_bytes(estimate)} of training data "
+                       f"({'on disk' if estimate > (1 << 30) else 'in memory'}), then {train_steps} training steps.")
+        progress = comfy.utils.ProgressBar(trajectories * segment[1] + train_steps, node_id=node_id)
 
         conditioning, store = _record_trajectories(model, clip, lines, negative, (omega_min, omega_max), trajectories,
-                                                   steps, sampler_name, scheduler, sample_shape, seed, progress)
+                                                   steps, sampler_name, scheduler, sample_shape, seed, progress,
+                                                   segment, earlier_model)
         collected = time.perf_counter() - began
         try:
             first = conditioning[0]
@@ -250,16 +334,19 @@ class TrainGuidanceAdapterNode(io.ComfyNode):
             identity = {"spec": spec.to_dict(), "model_fingerprint": model_fingerprint(model), "prompts": lines,
                         "negative": negative, "omega_range": [omega_min, omega_max], "trajectories": trajectories,
                         "steps": steps, "sampler": sampler_name, "scheduler": scheduler, "width": width,
-                        "height": height}
+                        "height": height, **recording_identity(sample_shape, frames, segment, steps, earlier_model)}
             adapters, trainer, memory = _train(model, spec, settings, store, conditioning, checkpoint_path, identity,
                                                resume, progress)
         finally:
             store.close()
         info = {"architecture": model_architecture(model), "model_fingerprint": identity["model_fingerprint"],
+                "latent_shape": list(sample_shape),
                 "omega_range": [omega_min, omega_max], "prompts": len(lines), "negative": negative,
                 "trajectories": trajectories, "trajectory_steps": steps, "trajectory_examples": len(store),
                 "trajectory_bytes": trajectory_bytes(len(store), sample_shape), "sampler": sampler_name,
-                "scheduler": scheduler, "width": width, "height": height, "train_steps": train_steps, "batch": batch,
+                "scheduler": scheduler, "width": width, "height": height,
+                **recording_identity(sample_shape, frames, segment, steps, earlier_model),
+                "train_steps": train_steps, "batch": batch,
                 "learning_rate": learning_rate, "seed": seed, "final_loss": trainer.final_loss(),
                 "loss_every_50": [sum(trainer.losses[i:i + 50]) / len(trainer.losses[i:i + 50])
                                   for i in range(0, len(trainer.losses), 50)],
@@ -290,9 +377,16 @@ def _adapter_width_fits(adapter_width: int, kind: str) -> None:
         raise InvalidInputError("adapter_width", adapter_width, "use a multiple of 4 (the adapters' heads)")
 
 
+def _segment_order(start_at_step: int, end_at_step: int, steps: int) -> None:
+    if start_at_step >= min(end_at_step, steps):
+        raise InvalidInputError("start_at_step", start_at_step, f"record at least one step: use a value below "
+                                                                f"end_at_step ({end_at_step}) and steps ({steps})")
+
+
 _LOAD_CHECKS = (FileInput("adapter", model_folders.ADAPTERS, "train adapters with Train Guidance Adapter", load_adapters),)
 _TRAIN_CHECKS = (FILE_NAME, CrossRule(prompt_lines, ("prompts",)), CrossRule(_omega_order, ("omega_min", "omega_max")),
-                 CrossRule(_adapter_width_fits, ("adapter_width", "kind")))
+                 CrossRule(_adapter_width_fits, ("adapter_width", "kind")),
+                 CrossRule(_segment_order, ("start_at_step", "end_at_step", "steps")))
 
 
 def _show(node_id: str | None, text: str) -> None:
@@ -309,8 +403,12 @@ def _show(node_id: str | None, text: str) -> None:
 
 def _record_trajectories(model, clip, lines: list[str], negative: str, omega_range: tuple[float, float],
                          trajectories: int, steps: int, sampler_name: str, scheduler: str, sample_shape: tuple,
-                         seed: int, progress) -> tuple[list[dict], TrajectoryStore]:
-    """CFG sampling of the prompts (cycled) at seeded random ω; every model call becomes one example."""
+                         seed: int, progress, segment: tuple[int, int] = (0, 10000),
+                         earlier_model=None) -> tuple[list[dict], TrajectoryStore]:
+    """CFG sampling of the prompts (cycled) at seeded random ω; every model call of the steps in ``segment``
+    (``[start, end)``) becomes one example. The steps before ``start`` are sampled, with CFG at the same ω and
+    unrecorded, by ``earlier_model`` (else ``model``), and continued as KSamplerAdvanced continues a latent:
+    no new noise."""
     conds = [clip.encode_from_tokens_scheduled(clip.tokenize(line)) for line in lines]
     negative_cond = clip.encode_from_tokens_scheduled(clip.tokenize(negative))
     conditioning: list[dict | None] = [None] * len(lines)
@@ -334,8 +432,15 @@ def _record_trajectories(model, clip, lines: list[str], negative: str, omega_ran
                                            recorder.apply_model)
             recording.set_model_sampler_post_cfg_function(recorder.post_cfg)
             noise = comfy.sample.prepare_noise(empty, seed + index)
+            start = empty
+            if segment[0] > 0:
+                start = comfy.sample.sample(earlier_model or model, noise, steps, omega, sampler_name, scheduler,
+                                            conds[prompt], negative_cond, empty, last_step=segment[0],
+                                            callback=callback, disable_pbar=True, seed=seed + index)
+                noise = torch.zeros_like(noise)
             comfy.sample.sample(recording, noise, steps, omega, sampler_name, scheduler, conds[prompt], negative_cond,
-                                empty, callback=callback, disable_pbar=True, seed=seed + index)
+                                start, start_step=segment[0], last_step=segment[1], callback=callback,
+                                disable_pbar=True, seed=seed + index)
             if recorder.conditioning is None or not recorder.examples:
                 raise FastGuidanceError("the sampler never called the model with the prompt: nothing to record")
             if conditioning[prompt] is None:

@@ -224,7 +224,19 @@ def family_model(family: Family, seed: int = 0):
         raise FamilyUnavailable(f"this ComfyUI has no comfy.supported_models.{family.model_class}")
     model = model_class(host_config(family)).get_model({})
     seeded_weights(model, seed, attn2_std=family.weight_std[0], std=family.weight_std[1])
+    _seeded_stored_buffers(model.diffusion_model, seed, family.weight_std[1])
     return model
+
+
+def _seeded_stored_buffers(module: torch.nn.Module, seed: int, std: float) -> None:
+    """Fill the buffers a checkpoint stores (SD3's ``pos_embed``): the host creates them with ``torch.empty``,
+    so without this they hold whatever memory they got (NaN on some runs, finite on others)."""
+    stored = set(module.state_dict())
+    generator = torch.Generator().manual_seed(seed + 7)
+    with torch.no_grad():
+        for name, buffer in module.named_buffers():
+            if name in stored and buffer.is_floating_point():
+                buffer.copy_(torch.randn(buffer.shape, generator=generator) * std)
 
 
 def family_conds(family: Family, seed: int = 1, positive_scale: float = 3.0):

@@ -1,0 +1,240 @@
+"""Guidance adapters (AGD) on the DiT families where CFG costs most: Wan 2.1/2.2 video and the MMDiT image models.
+
+Each family is built tiny with the host's own classes (``host_models.FAMILIES``); its adapters attach
+after every block the host offers as ``patches_replace["dit"][("double_block", i)]``. Per family:
+training a few steps through the Train node writes a file with its metadata (5-D latents for the video
+models); the loaded adapters make every step one evaluation with KSampler and with SamplerCustomAdvanced
+(forward passes counted); strength 0 equals the cfg-1 result exactly; a file of another family or another
+attach-point set is refused by name. Wan 2.2's two-model workflow trains one file per model (the
+high-noise model's steps, then the low-noise model's continuing from them), and each file is refused on
+the other model. Families without attach points are refused with the list of supported ones.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import host_models
+from conftest import counted, empty_pack_folder, pack_module
+from test_guidance_adapter_host import assert_adapters_trained, host_training_flag, training_steps  # noqa: F401
+
+#: family key → (width and height in pixels, frames) of the recordings: 8×8 latents (the 5B model's VAE is 16×)
+FAMILIES = {"wan21": (64, 9), "wan22_5b": (128, 9), "sd3": (64, 1), "qwen_image": (64, 1)}
+#: family key → the attach points and widths the host's blocks give (names as the host keys the blocks)
+ATTACH_POINTS = {"wan21": {"double_block.0": 64, "double_block.1": 64},
+                 "wan22_5b": {"double_block.0": 64, "double_block.1": 64},
+                 "sd3": {"double_block.0": 128, "double_block.1": 128},  # SD3's width is 64 × depth
+                 "qwen_image": {"double_block.0": 64}}
+ARCHITECTURES = {"wan21": "WAN21_T2V", "wan22_5b": "WAN22_T2V", "sd3": "SD3", "qwen_image": "QwenImage"}
+PROMPTS = "a red cube\nthree blue spheres on a table"
+STEPS = 4
+CFG = 5.0
+
+
+class FamilyClip:
+    """Enough of a text encoder for the trainer: seeded tokens of the family's width (and its pooled vector)."""
+
+    def __init__(self, family: host_models.Family):
+        self.family = family
+
+    def tokenize(self, text):
+        return text
+
+    def encode_from_tokens_scheduled(self, text):
+        generator = torch.Generator().manual_seed(sum(map(ord, text)) % 10_000)
+        tokens = torch.randn(1, self.family.tokens, self.family.context_dim, generator=generator) * (3.0 if text else 0.1)
+        return [[tokens, self.family.extras(self.family.tokens, generator) if self.family.extras else {}]]
+
+
+@pytest.fixture()
+def adapter_folder(host, tmp_path, monkeypatch):
+    return empty_pack_folder(tmp_path, monkeypatch, "fastguidance_adapters")
+
+
+@pytest.fixture(scope="module")
+def models(host):
+    """Per family key: its tiny ModelPatcher(s), seeds 0 and 1 (Wan 2.2 A14B: high-noise, low-noise)."""
+    cache: dict[str, list] = {}
+
+    def get(key: str, count: int = 1):
+        if key not in cache:
+            try:
+                cache[key] = [host_models.patcher(host_models.family_model(host_models.family(key), seed=seed))
+                              for seed in range(2)]
+            except host_models.FamilyUnavailable as error:
+                pytest.skip(str(error))
+        return cache[key][:count] if count > 1 else cache[key][0]
+
+    return get
+
+
+def train(host, model, key: str, filename: str, **changes):
+    family = host_models.family(key)
+    size, frames = FAMILIES.get(key, (64, 9))
+    settings = dict(omega_min=1.0, omega_max=8.0, trajectories=2, steps=STEPS, sampler_name="euler",
+                    scheduler="simple", width=size, height=size, train_steps=4, batch=2, learning_rate=1e-3,
+                    kind="cross_attention", adapter_width=16, seed=0, filename=filename, overwrite=False, resume=True)
+    extra = {"frames": frames, **{name: changes.pop(name) for name in list(changes)
+                                  if name in ("frames", "start_at_step", "end_at_step", "earlier_model")}}
+    settings.update(changes)
+    node = host.node("FastGuidance_TrainGuidanceAdapter", "9")
+    return node.execute(model, FamilyClip(family), PROMPTS, "", *settings.values(), **extra)
+
+
+def load(host, model, name: str, strength: float = 1.0, allow_other_model: bool = False):
+    return host.node("FastGuidance_LoadGuidanceAdapter", "11").execute(model, name, True, 5.0, strength,
+                                                                       allow_other_model)[0]
+
+
+def ksampler(host, key: str, model, cfg: float = CFG):
+    family = host_models.family(key)
+    positive, negative = host_models.family_conds(family)
+    return host.nodes.common_ksampler(model, 3, STEPS, cfg, "euler", "simple", positive, negative,
+                                      host_models.family_latent(family))[0]["samples"]
+
+
+def custom_sampler(host, key: str, model, cfg: float = CFG):
+    family = host_models.family(key)
+    positive, negative = host_models.family_conds(family)
+    guider = host.call("CFGGuider", model, positive, negative, cfg)[0]
+    sigmas = host.call("BasicScheduler", model, "simple", STEPS, 1.0)[0]
+    return host.call("SamplerCustomAdvanced", host.call("RandomNoise", 3)[0], guider,
+                     host.call("KSamplerSelect", "euler")[0], sigmas, host_models.family_latent(family))[0]["samples"]
+
+
+@pytest.mark.parametrize("key", list(FAMILIES))
+def test_attach_points_are_the_hosts_dit_blocks(host, models, key):
+    assert pack_module(host, "nodes.adapter_patch").attach_points(models(key)) == ATTACH_POINTS[key]
+
+
+@pytest.mark.parametrize("key", list(FAMILIES))
+def test_adapters_train_load_and_cost_one_evaluation_per_step(host, models, adapter_folder, training_steps, runs, key):
+    """Train (file and metadata), then one evaluation per step with KSampler and SamplerCustomAdvanced, and
+    strength 0 exactly the cfg-1 result."""
+    import comfy.sample
+
+    model = models(key)
+    flag_before = host_training_flag()
+    _, report = train(host, model, key, key)
+    assert_adapters_trained(training_steps, flag_before)
+    family = host_models.family(key)
+    adapters, metadata = pack_module(host, "fastguidance.adapters").load_adapters(adapter_folder / f"{key}.safetensors")
+    assert metadata["architecture"] == ARCHITECTURES[key] and dict(adapters.spec.attach_points) == ATTACH_POINTS[key]
+    # what the sampler gets from the family's empty latent: 5-D for video models and for Qwen-Image (one frame)
+    sampled = comfy.sample.fix_empty_latent_channels(model, host_models.family_latent(family)["samples"])
+    assert metadata["latent_shape"] == list(sampled.shape[1:]) and len(sampled.shape) == (4 if key == "sd3" else 5)
+    assert metadata.get("frames") == (FAMILIES[key][1] if len(sampled.shape) == 5 else None)
+    assert metadata["trajectory_examples"] == 2 * STEPS and "recorded_steps" not in metadata
+    assert adapters.spec.text_dim == family.context_dim
+    assert adapters.spec.pooled_dim == (32 if key == "sd3" else family.context_dim)  # SD3's pooled vector y
+    assert f"{key}.safetensors" in report and f"{len(ATTACH_POINTS[key])} attach points" in report
+
+    adapted = load(host, model, f"{key}.safetensors")
+    clone, counter = counted(adapted)
+    before = len(runs)
+    guided = ksampler(host, key, clone)
+    assert counter.cond_passes == STEPS and counter.uncond_passes == 0
+    summary = runs[before].summary()
+    assert (summary.calls, summary.evaluations) == (STEPS, STEPS)
+    clone, counter = counted(adapted)
+    custom_sampler(host, key, clone)
+    assert counter.cond_passes == STEPS and counter.uncond_passes == 0
+    assert torch.isfinite(guided).all() and guided.shape[1:] == sampled.shape[1:]
+
+    unguided = ksampler(host, key, model, cfg=1.0)
+    assert (ksampler(host, key, load(host, model, f"{key}.safetensors", strength=0.0)) - unguided).abs().max().item() == 0.0
+    assert (custom_sampler(host, key, load(host, model, f"{key}.safetensors", strength=0.0)) -
+            custom_sampler(host, key, model, cfg=1.0)).abs().max().item() == 0.0
+    assert (guided - unguided).abs().max().item() > 0.0
+
+
+def test_a_file_of_another_family_or_attach_point_set_is_refused_by_name(host, models, adapter_folder):
+    train(host, models("wan21"), "wan21", "wan")
+    with pytest.raises(Exception, match=r"adapter = 'wan\.safetensors'.*trained for a WAN21_T2V model and this model "
+                                        r"is SD3"):
+        load(host, models("sd3"), "wan.safetensors")
+    adapters_module = pack_module(host, "fastguidance.adapters")
+    adapters, metadata = adapters_module.load_adapters(adapter_folder / "wan.safetensors")
+    fewer = adapters_module.GuidanceAdapters(adapters_module.AdapterSpec(
+        **dict(adapters.spec.to_dict(), attach_points={"double_block.0": 64})))
+    adapters_module.save_adapters(fewer, adapter_folder / "fewer.safetensors", metadata)
+    with pytest.raises(Exception, match=r"adapter = 'fewer\.safetensors'.*other attach points \(1 in the file, 2 in "
+                                        r"this model; differing: \['double_block\.1'\]"):
+        load(host, models("wan21"), "fewer.safetensors")
+
+
+@pytest.mark.parametrize("key", ["lumina2", "hidream", "ltxv"])
+def test_unsupported_families_are_refused_with_the_supported_list(host, models, adapter_folder, key):
+    with pytest.raises(Exception, match=r"^model = '\w+' is not valid: guidance adapters attach to SD1\.x, SD2\.x and "
+                                        r"SDXL UNets.*Flux-family DiTs, Wan 2\.1/2\.2, SD3\.x and Qwen-Image"):
+        train(host, models(key), key, key, width=64, height=64)
+    assert not list(adapter_folder.iterdir())  # refused before recording anything
+
+
+def test_wan22_two_model_workflow_has_one_file_per_model_each_refused_on_the_other(host, models, adapter_folder, runs):
+    """High-noise adapters learn the high-noise model's steps; the low-noise ones the low-noise model's steps,
+    continued from the high-noise model's (earlier_model), as the two KSamplerAdvanced of the workflow run."""
+    high, low = models("wan22_a14b", 2)
+    half = STEPS // 2
+    train(host, high, "wan22_a14b", "wan22_high", end_at_step=half)
+    train(host, low, "wan22_a14b", "wan22_low", start_at_step=half, earlier_model=high)
+    adapters_module = pack_module(host, "fastguidance.adapters")
+    _, high_meta = adapters_module.load_adapters(adapter_folder / "wan22_high.safetensors")
+    _, low_meta = adapters_module.load_adapters(adapter_folder / "wan22_low.safetensors")
+    assert high_meta["recorded_steps"] == [0, half] and low_meta["recorded_steps"] == [half, STEPS]
+    assert high_meta["trajectory_examples"] == low_meta["trajectory_examples"] == 2 * half
+    fingerprint = pack_module(host, "nodes.model_identity").model_fingerprint
+    assert low_meta["earlier_model_fingerprint"] == fingerprint(high) == high_meta["model_fingerprint"]
+    assert "earlier_model_fingerprint" not in high_meta and low_meta["model_fingerprint"] == fingerprint(low)
+    # each file on the other model: refused by fingerprint, naming the steps it was trained for
+    with pytest.raises(Exception, match=r"wan22_high\.safetensors.*another WAN21_T2V model \(steps 0–2 of 4, "
+                                        r"fingerprint"):
+        load(host, low, "wan22_high.safetensors")
+    with pytest.raises(Exception, match=r"wan22_low\.safetensors.*another WAN21_T2V model \(steps 2–4 of 4, "):
+        load(host, high, "wan22_low.safetensors")
+
+    family = host_models.family("wan22_a14b")
+    positive, negative = host_models.family_conds(family)
+
+    def two_samplers(high_model, low_model, cfg: float):
+        first = host.call("KSamplerAdvanced", high_model, "enable", 3, STEPS, cfg, "euler", "simple", positive,
+                          negative, host_models.family_latent(family), 0, half, "enable")[0]
+        return host.call("KSamplerAdvanced", low_model, "disable", 0, STEPS, cfg, "euler", "simple", positive,
+                         negative, first, half, 10000, "disable")[0]["samples"]
+
+    high_adapted, counter_high = counted(load(host, high, "wan22_high.safetensors"))
+    low_adapted, counter_low = counted(load(host, low, "wan22_low.safetensors"))
+    before = len(runs)
+    guided = two_samplers(high_adapted, low_adapted, CFG)
+    assert (counter_high.cond_passes, counter_low.cond_passes) == (half, STEPS - half)
+    assert counter_high.uncond_passes == counter_low.uncond_passes == 0
+    assert [run.summary().evaluations for run in runs[before:]] == [half, STEPS - half]
+    unguided = two_samplers(high, low, 1.0)
+    off = two_samplers(load(host, high, "wan22_high.safetensors", strength=0.0),
+                       load(host, low, "wan22_low.safetensors", strength=0.0), CFG)
+    assert (off - unguided).abs().max().item() == 0.0
+    assert (guided - unguided).abs().max().item() > 0.0
+
+
+def test_recording_inputs_are_checked_before_any_work(host, models):
+    node = host.node("FastGuidance_TrainGuidanceAdapter")
+    assert node.validate_inputs(start_at_step=4, end_at_step=4, steps=20).startswith("start_at_step = 4")
+    assert node.validate_inputs(start_at_step=20, end_at_step=10000, steps=20).startswith("start_at_step = 20")
+    assert node.validate_inputs(start_at_step=10, end_at_step=10000, steps=20) is True
+    with pytest.raises(Exception, match=r"^earlier_model = 'SD3' is not valid: it makes SD3 latents and model "
+                                        r"\(WAN21_T2V\) Wan21 latents"):
+        train(host, models("wan21"), "wan21", "x", start_at_step=2, earlier_model=models("sd3"))
+
+
+@pytest.mark.parametrize("key, width, height, frames, shape", [
+    ("wan21", 832, 480, 81, (16, 21, 60, 104)), ("wan22_5b", 1280, 720, 121, (48, 31, 45, 80)),
+    ("sd3", 1024, 1024, 81, (16, 128, 128)), ("qwen_image", 1328, 1328, 81, (16, 1, 166, 166))])
+def test_recorded_latents_have_the_shape_the_hosts_empty_latent_nodes_make(host, models, key, width, height, frames,
+                                                                           shape):
+    """Wan 2.1 480p×81 frames, Wan 2.2 5B 720p×121 frames, SD3 1024² and Qwen-Image 1328² (frames ignored)."""
+    glue = pack_module(host, "nodes.guidance_adapter")
+    assert glue.latent_sample_shape(models(key), width, height, frames) == shape
