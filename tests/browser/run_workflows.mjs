@@ -35,6 +35,9 @@ async function openApp() {
   await page.waitForFunction(() => window.app?.graph && window.app?.api
     && window.LiteGraph?.registered_node_types?.["FastGuidance_AdaptiveGuidance"], null, { timeout: 120_000 });
   await page.waitForTimeout(1500); // extensions finish registering
+  // the screenshots show the nodes' text at any zoom (by default the frontend draws plain boxes once
+  // text would be under 8 px, and a large workflow fits the window below that)
+  await page.evaluate(() => window.app.extensionManager.setting?.set?.("LiteGraph.Canvas.MinFontSizeForLOD", 0));
 }
 
 async function execute(command) {
