@@ -49,8 +49,38 @@ SDXL = {"in_channels": 4, "out_channels": 4, "model_channels": 320, "num_res_blo
         "context_dim": 2048, "num_heads": -1, "num_head_channels": 64, "use_linear_in_transformer": True,
         "adm_in_channels": 2816, "num_classes": "sequential", "use_spatial_transformer": True, "legacy": False, "image_size": 32,
         "use_temporal_attention": False, "use_temporal_resblock": False}
-#: name → (host class, UNet config, latent side, token width, y width or None)
-MODELS = {"SD1.5 512²": ("SD15", SD15, 64, 768, None), "SDXL 1024²": ("SDXL", SDXL, 128, 2048, 2816)}
+_WAN = {"image_model": "wan2.1", "model_type": "t2v", "patch_size": (1, 2, 2), "text_len": 512, "in_dim": 16,
+        "out_dim": 16, "freq_dim": 256, "text_dim": 4096, "window_size": (-1, -1), "qk_norm": True,
+        "cross_attn_norm": True, "eps": 1e-6}
+#: the published sizes, as the host's model detection reads them from the checkpoints
+WAN_1_3B = {**_WAN, "dim": 1536, "ffn_dim": 8960, "num_heads": 12, "num_layers": 30}
+WAN_14B = {**_WAN, "dim": 5120, "ffn_dim": 13824, "num_heads": 40, "num_layers": 40}  # Wan 2.1 14B, each Wan 2.2 A14B model
+SD35_LARGE = {"in_channels": 16, "patch_size": 2, "out_channels": 16, "depth": 38, "input_size": None,
+              "adm_in_channels": 2048, "num_patches": 36864, "pos_embed_max_size": 192,
+              "pos_embed_scaling_factor": None, "x_block_self_attn_layers": [], "qk_norm": "rms",
+              "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 4096,
+                                                                                  "out_features": 2432}}}
+QWEN_IMAGE = {"image_model": "qwen_image", "in_channels": 64, "out_channels": 16, "num_layers": 60,
+              "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 3584,
+              "axes_dims_rope": (16, 56, 56), "patch_size": 2}
+#: name → (host class, model config, one sample's latent, (prompt tokens, token width), y width or None)
+MODELS = {"SD1.5 512²": ("SD15", SD15, (4, 64, 64), (77, 768), None),
+          "SDXL 1024²": ("SDXL", SDXL, (4, 128, 128), (77, 2048), 2816),
+          # Wan: 832×480 (480p) and 1280×720 (720p), 81 frames → 21 latent frames; T5 tokens padded to 512
+          "Wan 2.1 1.3B 480p×81": ("WAN21_T2V", WAN_1_3B, (16, 21, 60, 104), (512, 4096), None),
+          "Wan 2.1 1.3B 480p×33": ("WAN21_T2V", WAN_1_3B, (16, 9, 60, 104), (512, 4096), None),
+          "Wan 14B 480p×81": ("WAN21_T2V", WAN_14B, (16, 21, 60, 104), (512, 4096), None),
+          "Wan 14B 720p×81": ("WAN21_T2V", WAN_14B, (16, 21, 90, 160), (512, 4096), None),
+          "Wan 14B 480p×33": ("WAN21_T2V", WAN_14B, (16, 9, 60, 104), (512, 4096), None),
+          # recording smaller than sampling (the trainer's width, height and frames): 416×240, 33 frames
+          "Wan 2.1 1.3B 240p×33": ("WAN21_T2V", WAN_1_3B, (16, 9, 30, 52), (512, 4096), None),
+          "Wan 14B 240p×33": ("WAN21_T2V", WAN_14B, (16, 9, 30, 52), (512, 4096), None),
+          # SD3.5 Large: CLIP-L/G (77) + T5 (256) tokens of width 4096, pooled 2048
+          "SD3.5 Large 1024²": ("SD3", SD35_LARGE, (16, 128, 128), (333, 4096), 2048),
+          # Qwen-Image: its 1328² default, one frame on the Wan VAE; a 128-token Qwen2.5-VL prompt of width 3584
+          "Qwen-Image 1328²": ("QwenImage", QWEN_IMAGE, (16, 1, 166, 166), (128, 3584), None)}
+#: the models measured by default (the SD ones as before); ``--models`` picks others
+DEFAULT_MODELS = list(MODELS)
 
 
 def build(host_class: str, config: dict, dtype: torch.dtype, device: str):
@@ -61,10 +91,10 @@ def build(host_class: str, config: dict, dtype: torch.dtype, device: str):
     return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
 
 
-def adapted_forward(glue, patched, adapters, side: int, tokens_dim: int, y_dim: int | None, device: str, dtype):
-    x = torch.randn(1, 4, side, side, device=device, dtype=torch.float32)
+def adapted_forward(glue, patched, adapters, latent: tuple, prompt: tuple, y_dim: int | None, device: str, dtype):
+    x = torch.randn(1, *latent, device=device, dtype=torch.float32)
     sigma = torch.full((1,), 5.0, device=device)
-    tokens = torch.randn(1, 77, tokens_dim, device=device, dtype=dtype)
+    tokens = torch.randn(1, *prompt, device=device, dtype=dtype)
     kwargs = {} if y_dim is None else {"y": torch.randn(1, y_dim, device=device, dtype=dtype)}
     bound = glue.bind_adapters(adapters, 5.0, sigma, tokens, kwargs, None)
     options = {**patched.model_options["transformer_options"], glue.BOUND_KEY: bound, "cond_or_uncond": [0],
@@ -77,37 +107,76 @@ def adapted_forward(glue, patched, adapters, side: int, tokens_dim: int, y_dim: 
 
 
 def measure_memory(glue, adapters_module, name: str) -> dict:
-    """Parameters and saved-activation bytes of one adapted training example (fp16 model on ``meta``)."""
-    host_class, config, side, tokens_dim, y_dim = MODELS[name]
+    """Parameters and saved-activation bytes of one adapted training example (fp16 model on ``meta``).
+
+    For DiTs also what autograd saves inside each block and the size of a block's input: with gradient
+    checkpointing per block (not in the trainer yet) backward keeps each block's input and recomputes one
+    block at a time, so it needs about ``blocks × input + the largest block + what lies outside blocks``.
+    """
+    host_class, config, latent, prompt, y_dim = MODELS[name]
     model = build(host_class, config, torch.float16, "meta")
     points = glue.attach_points(model)
-    spec = adapters_module.AdapterSpec(points, tokens_dim, y_dim or tokens_dim, "cross_attention", WIDTH)
+    spec = adapters_module.AdapterSpec(points, prompt[1], y_dim or prompt[1], "cross_attention", WIDTH)
     adapters = adapters_module.GuidanceAdapters(spec).to("meta")
     patched = glue.attach(model, None)
     saved, attention_maps = [], []
+    diffusion_model = model.model.diffusion_model
+    blocks_name = glue.DIT_FAMILIES.get(type(diffusion_model).__name__, (None,))[0]
+    blocks = list(getattr(diffusion_model, blocks_name)) if blocks_name else []
+    per_block = [0] * len(blocks)
+    block_inputs: list[int] = []
+    current: list[int] = []
 
     def pack(tensor):
         if not isinstance(tensor, torch.nn.Parameter):
             size = tensor.numel() * tensor.element_size()
-            saved.append(size)
-            # [B, heads, L, L] attention probabilities: saved by SDPA's math kernel (what runs on the meta
-            # device), not by the flash / memory-efficient kernels GPUs use
-            if tensor.dim() == 4 and tensor.shape[-1] == tensor.shape[-2] >= 256:
+            # [B, heads, L, L or prompt tokens] attention probabilities (self- and cross-attention, the
+            # model's and the adapters', and their [B·heads, …] views): saved by SDPA's math kernel (what runs
+            # on the meta device), not by the flash / memory-efficient kernels GPUs use
+            if tensor.dim() >= 3 and tensor.shape[-2] >= 256 and tensor.shape[-1] in (tensor.shape[-2], prompt[0]):
                 attention_maps.append(size)
+            else:
+                saved.append(size)
+                if current:
+                    per_block[current[-1]] += size
         return tensor
 
-    model.model.diffusion_model.requires_grad_(False)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        adapted_forward(glue, patched, adapters, side, tokens_dim, y_dim, "meta", torch.float16)
-    base = sum(p.numel() for p in model.model.diffusion_model.parameters())
-    return {"base_parameters": base, "adapter_parameters": adapters.count_parameters(), "attach_points": len(points),
-            "saved_activation_bytes_per_example": sum(saved) - sum(attention_maps),
-            "saved_attention_map_bytes_per_example": sum(attention_maps)}
+    def entering(index):
+        def hook(module, args, kwargs):
+            current.append(index)
+            stream = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
+            block_inputs.append(stream.numel() * stream.element_size())
+        return hook
+
+    def leaving(module, args, output):
+        current.pop()
+
+    handles = [h for index, block in enumerate(blocks)
+               for h in (block.register_forward_pre_hook(entering(index), with_kwargs=True),
+                         block.register_forward_hook(leaving))]
+    diffusion_model.requires_grad_(False)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            adapted_forward(glue, patched, adapters, latent, prompt, y_dim, "meta", torch.float16)
+    finally:
+        for handle in handles:
+            handle.remove()
+    base = sum(p.numel() for p in diffusion_model.parameters())
+    result = {"base_parameters": base, "adapter_parameters": adapters.count_parameters(), "attach_points": len(points),
+              "saved_activation_bytes_per_example": sum(saved),
+              "saved_attention_map_bytes_per_example": sum(attention_maps)}
+    if blocks:
+        # SD3's last joint block also saves the text stream; the image stream is what every block passes on
+        result.update(blocks=len(blocks), largest_block_saved_bytes=max(per_block),
+                      saved_outside_blocks_bytes=sum(saved) - sum(per_block),
+                      checkpointed_bytes_per_example=sum(block_inputs) + max(per_block) + sum(saved) - sum(per_block))
+    return result
 
 
 def measure_cpu_times(glue, adapters_module, repeats: int) -> dict:
     """SD1.5 at 512², batch 1, fp32 on this CPU: forward, CFG step (batch 2) and training step (forward + backward)."""
-    host_class, config, side, tokens_dim, _ = MODELS["SD1.5 512²"]
+    host_class, config, latent, (_, tokens_dim), _ = MODELS["SD1.5 512²"]
+    side = latent[-1]
     model = build(host_class, config, torch.float32, "cpu")
     host_models.seeded_weights(model.model, 0, attn2_std=0.02, std=0.02)
     model.model.diffusion_model.requires_grad_(False)
@@ -125,7 +194,7 @@ def measure_cpu_times(glue, adapters_module, repeats: int) -> dict:
 
     def train_step():
         optimizer.zero_grad(set_to_none=True)
-        output = adapted_forward(glue, patched, adapters, side, tokens_dim, None, "cpu", torch.float32)
+        output = adapted_forward(glue, patched, adapters, latent, (77, tokens_dim), None, "cpu", torch.float32)
         output.float().square().mean().backward()
         optimizer.step()
 
@@ -147,16 +216,22 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def gpu_estimate(memory: dict, batch: int) -> dict:
-    """Memory of training on a GPU with fp16 weights (see the module docstring)."""
-    weights = 2 * memory["base_parameters"]
+def gpu_estimate(memory: dict, batch: int, gpu_gb: int = 24, bytes_per_weight: float = 2) -> dict:
+    """Memory of training on a ``gpu_gb`` GPU with fp16 weights, or fp8 (``bytes_per_weight`` 1), see the module
+    docstring; with per-block gradient checkpointing too where the model is a DiT (an estimate of a trainer
+    option that does not exist yet)."""
+    weights = bytes_per_weight * memory["base_parameters"]
     adapters = 4 * 4 * memory["adapter_parameters"]  # weights, gradients, two AdamW moments, fp32
     activations = batch * memory["saved_activation_bytes_per_example"]  # flash / memory-efficient attention
     total = 2 * weights + adapters + activations
+    room = gpu_gb * GB * 0.9 - 2 * weights - adapters  # 10% for workspace
     per_example = memory["saved_activation_bytes_per_example"]
-    fits = max(0, int((24 * GB * 0.9 - 2 * weights - adapters) // per_example))  # 10% for workspace
-    return {"batch": batch, "weights_gb": weights / GB, "training_copy_gb": weights / GB, "adapters_gb": adapters / GB,
-            "activations_gb": activations / GB, "total_gb": total / GB, "largest_batch_in_24gb": fits}
+    estimate = {"gpu_gb": gpu_gb, "bytes_per_weight": bytes_per_weight, "batch": batch, "weights_gb": weights / GB,
+                "training_copy_gb": weights / GB, "adapters_gb": adapters / GB, "activations_gb": activations / GB,
+                "total_gb": total / GB, "largest_batch": max(0, int(room // per_example))}
+    if "checkpointed_bytes_per_example" in memory:
+        estimate["largest_batch_checkpointed"] = max(0, int(room // memory["checkpointed_bytes_per_example"]))
+    return estimate
 
 
 def main() -> None:
@@ -165,6 +240,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="training batch of the GPU estimate (the node's default)")
     parser.add_argument("--skip-cpu", action="store_true", help="only the memory measurements (fast)")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=list(MODELS), metavar="NAME",
+                        help=f"models to measure (default all): {', '.join(MODELS)}")
     args = parser.parse_args()
     host_models.import_comfy(os.environ["COMFYUI_PATH"])
     from comfy.cli_args import args as host_args
@@ -174,11 +251,13 @@ def main() -> None:
     glue = sys.modules[pack_module + ".nodes.adapter_patch"]
     adapters_module = sys.modules[pack_module + ".fastguidance.adapters"]
     results = {}
-    for name in MODELS:
+    for name in args.models:
         print(f"measuring {name}", file=sys.stderr)
         memory = measure_memory(glue, adapters_module, name)
-        results[name] = {"measured": memory, "gpu_estimate": gpu_estimate(memory, args.batch)}
-    if not args.skip_cpu:
+        results[name] = {"measured": memory, "gpu_estimate": gpu_estimate(memory, args.batch),
+                         "estimates": [gpu_estimate(memory, 1, gpu_gb, width) for gpu_gb in (24, 80)
+                                       for width in (2, 1)]}
+    if not args.skip_cpu and "SD1.5 512²" in args.models:
         results["SD1.5 512²"]["cpu"] = measure_cpu_times(glue, adapters_module, args.repeats)
     print(json.dumps(results, indent=2))
     if args.out:

@@ -238,3 +238,104 @@ def test_recorded_latents_have_the_shape_the_hosts_empty_latent_nodes_make(host,
     """Wan 2.1 480p×81 frames, Wan 2.2 5B 720p×121 frames, SD3 1024² and Qwen-Image 1328² (frames ignored)."""
     glue = pack_module(host, "nodes.guidance_adapter")
     assert glue.latent_sample_shape(models(key), width, height, frames) == shape
+
+
+WORKFLOW = Path(__file__).resolve().parents[2] / "example_workflows" / "wan22_guidance_adapters.json"
+#: what the CPU-sized run of the example workflow changes (same graph, tiny models, few steps)
+WORKFLOW_SIZES = {"width": 64, "height": 64, "length": 9, "frames": 9, "steps": STEPS, "trajectories": 2,
+                  "train_steps": 2, "batch": 2, "adapter_width": 16}
+
+
+def widget_names(host, node_type: str) -> list[str]:
+    """The node's widget inputs in the order of a saved workflow's ``widgets_values`` (as tests/comfy/test_server.py
+    reads them from /object_info)."""
+    inputs = host.nodes.NODE_CLASS_MAPPINGS[node_type].INPUT_TYPES()
+    names = []
+    for section in ("required", "optional"):
+        for name, spec in inputs.get(section, {}).items():
+            kind, options = spec[0], (spec[1] if len(spec) > 1 else {})
+            if isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"):
+                names.append(name)
+                if options.get("control_after_generate"):
+                    names.append("control_after_generate")
+    return names
+
+
+def test_the_wan22_example_workflow_runs_on_tiny_models_one_evaluation_per_step(host, models, adapter_folder):
+    """The example workflow's own graph, its muted Train nodes first: the loaders give the tiny Wan 2.2 models
+    (high-noise for the file named high_noise) and a seeded text encoder; the VAE nodes are left out (no VAE
+    weights). The two KSamplerAdvanced then run one evaluation per step on each model."""
+    from test_server import RUN_ELSEWHERE  # the server test leaves this workflow's run to this test
+
+    assert "test_adapter_families_host.py" in RUN_ELSEWHERE[WORKFLOW.stem]
+    workflow = json.loads(WORKFLOW.read_text(encoding="utf-8"))
+    nodes = {node["id"]: node for node in workflow["nodes"]}
+    links = {link[0]: link for link in workflow["links"]}
+    high, low = models("wan22_a14b", 2)
+    family = host_models.family("wan22_a14b")
+    outputs: dict[int, tuple] = {}
+
+    def run(node: dict) -> tuple:
+        kind = node["type"]
+        values = dict(zip(widget_names(host, kind), node.get("widgets_values", [])))
+        values.pop("control_after_generate", None)
+        values.update({name: size for name, size in WORKFLOW_SIZES.items() if name in values})
+        for name in ("start_at_step", "end_at_step"):  # the switch at step 10 of 20 becomes step 2 of 4
+            if name in values and values[name] < 10000:
+                values[name] = values[name] * STEPS // 20
+        for slot in node.get("inputs", []):
+            if slot["link"] is not None:
+                _, source, source_slot, *_ = links[slot["link"]]
+                values[slot["name"]] = outputs[source][source_slot]
+        if kind == "UNETLoader":
+            return (high if "high_noise" in values["unet_name"] else low,)
+        if kind == "CLIPLoader":
+            return (FamilyClip(family),)
+        if kind == "FastGuidance_TrainGuidanceAdapter":
+            return host.node(kind, str(node["id"])).execute(**values)
+        if kind == "FastGuidance_LoadGuidanceAdapter":
+            return host.node(kind, str(node["id"])).execute(**values)
+        cls = host.nodes.NODE_CLASS_MAPPINGS[kind]
+        if hasattr(cls, "PREPARE_CLASS_CLONE"):
+            return host.node(kind).execute(**values)
+        return getattr(cls(), cls.FUNCTION)(**values)
+
+    skipped = {"VAELoader", "VAEDecode", "SaveAnimatedWEBP", "PreviewImage", "PreviewAny", "Note", "MarkdownNote"}
+    ordered = sorted(workflow["nodes"], key=lambda node: node["order"])
+    trainers = [node for node in ordered if node["type"] == "FastGuidance_TrainGuidanceAdapter"]
+    assert [node["mode"] for node in trainers] == [2, 2]  # muted: users run them once
+    with counted_forwards([high, low]) as passes:
+        for node in ordered:
+            if node["type"] in skipped:
+                continue
+            if node["type"] == "FastGuidance_LoadGuidanceAdapter" and not passes.get("sampling"):
+                passes["sampling"] = {id(high): 0, id(low): 0, "uncond": 0}
+            outputs[node["id"]] = run(node)
+    assert sorted(path.name for path in adapter_folder.iterdir()) == ["wan22_high_noise.safetensors",
+                                                                      "wan22_low_noise.safetensors"]
+    counts = passes["sampling"]
+    assert (counts[id(high)], counts[id(low)], counts["uncond"]) == (STEPS // 2, STEPS // 2, 0)
+    sampled = outputs[16][0]["samples"]
+    assert sampled.shape == (1, 16, 3, 8, 8) and torch.isfinite(sampled).all()
+
+
+class counted_forwards:
+    """Counts forward passes of each model's diffusion network (cond rows only) once ``passes["sampling"]`` is set."""
+
+    def __init__(self, models):
+        self.models, self.passes, self.handles = models, {}, []
+
+    def __enter__(self):
+        for model in self.models:
+            def hook(module, args, kwargs, key=id(model)):
+                counts = self.passes.get("sampling")
+                if counts is not None:
+                    rows = kwargs["transformer_options"]["cond_or_uncond"]
+                    counts[key] += rows.count(0)
+                    counts["uncond"] += rows.count(1)
+            self.handles.append(model.model.diffusion_model.register_forward_pre_hook(hook, with_kwargs=True))
+        return self.passes
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()

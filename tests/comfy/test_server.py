@@ -410,8 +410,13 @@ def to_api_prompt(workflow: dict, object_info: dict) -> dict:
     return prompt
 
 
+#: example workflows whose models this server cannot load (it builds only a tiny SD1.5): where their graph runs instead
+RUN_ELSEWHERE = {"wan22_guidance_adapters": "tests/comfy/test_adapter_families_host.py, on tiny Wan 2.2 models (no "
+                                            "Wan UNet or UMT5 text encoder file can be built small enough here)"}
+
+
 def test_every_example_workflow_runs_when_posted_in_api_format(server, object_info):
-    files = sorted((PACK_DIR / "example_workflows").glob("*.json"),
+    files = sorted((path for path in (PACK_DIR / "example_workflows").glob("*.json") if path.stem not in RUN_ELSEWHERE),
                    key=lambda path: (0 if ("calibrate" in path.stem or "train" in path.stem) else 1, path.stem))
     with server.explain():
         for path in files:
