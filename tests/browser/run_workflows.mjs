@@ -94,16 +94,41 @@ async function loadTemplate(name) {
   return page.evaluate(() => window.app.graph.nodes.map((node) => node.type));
 }
 
+async function modelFiles() {
+  // Every model-file choice of the workflow: whether the node's list has it, whether the node is flagged
+  // (1.49 outlines a node whose file is not in its list in red; `has_errors` is that flag, also set by a
+  // refused run), and whether the server has the file now (its /object_info lists each folder afresh).
+  return page.evaluate(async () => {
+    const app = window.app;
+    const MODEL_FILE = /\.(safetensors|ckpt|pt|pth|bin|sft|gguf|onnx)$/i;
+    const serverLists = {};
+    const serverList = async (type, name) => {
+      if (!(type in serverLists)) {
+        const response = await app.api.fetchApi(`/object_info/${encodeURIComponent(type)}`);
+        serverLists[type] = response.ok ? (await response.json())[type]?.input ?? {} : {};
+      }
+      const spec = serverLists[type].required?.[name] ?? serverLists[type].optional?.[name];
+      if (Array.isArray(spec?.[0])) return spec[0]; // [[...files], options]
+      return spec?.[0] === "COMBO" ? spec[1]?.options ?? [] : []; // ["COMBO", {options}] (V3 nodes on 0.33)
+    };
+    const files = [];
+    for (const node of app.graph.nodes) {
+      for (const widget of node.widgets || []) {
+        if (widget.type !== "combo" || !MODEL_FILE.test(String(widget.value))) continue;
+        files.push({ id: node.id, type: node.type, widget: widget.name, value: widget.value, muted: node.mode !== 0,
+          pack: String(node.type).startsWith("FastGuidance_"),
+          listed: Array.isArray(widget.options?.values) && widget.options.values.includes(widget.value),
+          onServer: (await serverList(node.type, widget.name)).includes(widget.value),
+          flagged: Boolean(node.has_errors) });
+      }
+    }
+    return files;
+  });
+}
+
 async function loaders() {
-  // Every file choice of the pack's nodes: listed by its widget, and the node not flagged (1.49 outlines
-  // a loader whose file is not in its list in red; `has_errors` is that flag, also set by a refused run).
-  return page.evaluate(() => window.app.graph.nodes
-    .filter((node) => String(node.type).startsWith("FastGuidance_"))
-    .flatMap((node) => (node.widgets || [])
-      .filter((widget) => widget.type === "combo" && String(widget.value).endsWith(".safetensors"))
-      .map((widget) => ({ id: node.id, type: node.type, widget: widget.name, value: widget.value, muted: node.mode !== 0,
-        listed: Array.isArray(widget.options?.values) && widget.options.values.includes(widget.value),
-        flagged: Boolean(node.has_errors) }))));
+  // the pack's loaders (the host's own loaders are the host's business)
+  return (await modelFiles()).filter((file) => file.pack);
 }
 
 async function unmuteAll() {
@@ -256,7 +281,16 @@ for (const name of names) {
   try {
     entry.nodes = await loadTemplate(name);
     // files made by the workflows run before (calibration, training) are in the loaders' lists
-    entry.loaders = await loaders();
+    const files = await modelFiles();
+    entry.loaders = files.filter((file) => file.pack);
+    // a workflow for models this server lacks (e.g. Wan 2.2) is opened and checked, not run
+    entry.missingModels = files.filter((file) => !file.muted && !file.onServer).map((file) => file.value);
+    if (entry.missingModels.length) {
+      entry.notRun = true;
+      entry.screenshot = join(outDir, `${name}.png`);
+      await page.screenshot({ path: entry.screenshot });
+      throw new Error(`not run: the server has no ${entry.missingModels.join(", ")}`);
+    }
     await shrinkForCpu();
     const result = await queueAndWait();
     entry.ok = result.ok;
