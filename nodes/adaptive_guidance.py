@@ -24,7 +24,7 @@ def _settings_inputs() -> list:
     """The Adaptive Guidance settings, shared by the patch and the guider."""
     return [
         io.Float.Input(
-            "threshold", default=_DEFAULTS.threshold, min=0.0, max=MAX_THRESHOLD, step=0.001, round=0.0001,
+            "threshold", default=_DEFAULTS.threshold, min=0.0, max=MAX_THRESHOLD, step=0.0001, round=0.0001,
             tooltip=f"Stop guiding an image once the prompt and negative predictions point the same way "
                     f"(their cosine reaches this value). Lower = earlier cutoff, faster, less guidance. Default "
                     f"{_DEFAULTS.threshold} with cosine_space denoised (within 2 points of CFG's adherence on the "
