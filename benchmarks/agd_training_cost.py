@@ -91,7 +91,8 @@ def build(host_class: str, config: dict, dtype: torch.dtype, device: str):
     return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
 
 
-def adapted_forward(glue, patched, adapters, latent: tuple, prompt: tuple, y_dim: int | None, device: str, dtype):
+def adapted_forward(glue, patched, adapters, latent: tuple, prompt: tuple, y_dim: int | None, device: str, dtype,
+                    checkpointing: bool = False):
     x = torch.randn(1, *latent, device=device, dtype=torch.float32)
     sigma = torch.full((1,), 5.0, device=device)
     tokens = torch.randn(1, *prompt, device=device, dtype=dtype)
@@ -100,6 +101,8 @@ def adapted_forward(glue, patched, adapters, latent: tuple, prompt: tuple, y_dim
     options = {**patched.model_options["transformer_options"], glue.BOUND_KEY: bound, "cond_or_uncond": [0],
                "sigmas": sigma}
     options.pop("wrappers", None)
+    if checkpointing:  # what Train Guidance Adapter's gradient_checkpointing puts in the options
+        options[glue.CHECKPOINT_KEY] = glue.block_checkpointing()
     if device == "meta":  # the noise schedule has no meta values: call the UNet itself, as apply_model would
         return patched.model.diffusion_model(x.to(dtype), sigma.to(dtype), context=tokens, transformer_options=options,
                                              **kwargs)
@@ -109,9 +112,9 @@ def adapted_forward(glue, patched, adapters, latent: tuple, prompt: tuple, y_dim
 def measure_memory(glue, adapters_module, name: str) -> dict:
     """Parameters and saved-activation bytes of one adapted training example (fp16 model on ``meta``).
 
-    For DiTs also what autograd saves inside each block and the size of a block's input: with gradient
-    checkpointing per block (not in the trainer yet) backward keeps each block's input and recomputes one
-    block at a time, so it needs about ``blocks × input + the largest block + what lies outside blocks``.
+    For DiTs also what autograd saves inside each block, and the bytes kept by a forward pass with the trainer's
+    ``gradient_checkpointing`` (counted the same way: each block's inputs and what lies outside blocks); backward
+    then recomputes one block at a time, so a training example needs the counted bytes plus the largest block's.
     """
     host_class, config, latent, prompt, y_dim = MODELS[name]
     model = build(host_class, config, torch.float16, "meta")
@@ -127,13 +130,16 @@ def measure_memory(glue, adapters_module, name: str) -> dict:
     block_inputs: list[int] = []
     current: list[int] = []
 
+    def is_attention_map(tensor) -> bool:
+        # [B, heads, L, L or prompt tokens] attention probabilities (self- and cross-attention, the
+        # model's and the adapters', and their [B·heads, …] views): saved by SDPA's math kernel (what runs
+        # on the meta device), not by the flash / memory-efficient kernels GPUs use
+        return tensor.dim() >= 3 and tensor.shape[-2] >= 256 and tensor.shape[-1] in (tensor.shape[-2], prompt[0])
+
     def pack(tensor):
         if not isinstance(tensor, torch.nn.Parameter):
             size = tensor.numel() * tensor.element_size()
-            # [B, heads, L, L or prompt tokens] attention probabilities (self- and cross-attention, the
-            # model's and the adapters', and their [B·heads, …] views): saved by SDPA's math kernel (what runs
-            # on the meta device), not by the flash / memory-efficient kernels GPUs use
-            if tensor.dim() >= 3 and tensor.shape[-2] >= 256 and tensor.shape[-1] in (tensor.shape[-2], prompt[0]):
+            if is_attention_map(tensor):
                 attention_maps.append(size)
             else:
                 saved.append(size)
@@ -166,10 +172,20 @@ def measure_memory(glue, adapters_module, name: str) -> dict:
               "saved_activation_bytes_per_example": sum(saved),
               "saved_attention_map_bytes_per_example": sum(attention_maps)}
     if blocks:
+        kept = []
+
+        def count(tensor):  # counted as above: the adapters' attention maps apart
+            if not isinstance(tensor, torch.nn.Parameter) and not is_attention_map(tensor):
+                kept.append(tensor.numel() * tensor.element_size())
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
+            adapted_forward(glue, patched, adapters, latent, prompt, y_dim, "meta", torch.float16, checkpointing=True)
         # SD3's last joint block also saves the text stream; the image stream is what every block passes on
         result.update(blocks=len(blocks), largest_block_saved_bytes=max(per_block),
                       saved_outside_blocks_bytes=sum(saved) - sum(per_block),
-                      checkpointed_bytes_per_example=sum(block_inputs) + max(per_block) + sum(saved) - sum(per_block))
+                      checkpointed_saved_bytes_per_example=sum(kept),
+                      checkpointed_bytes_per_example=sum(kept) + max(per_block))
     return result
 
 
@@ -210,6 +226,80 @@ def measure_cpu_times(glue, adapters_module, repeats: int) -> dict:
             "train_over_cfg_step": train_s / cfg_step_s, "peak_process_bytes": _peak_rss()}
 
 
+#: a small Wan 2.1 for the CPU timing of gradient checkpointing (host classes, seeded weights): 6 blocks of
+#: width 256 on a 16×5×24×24 latent (720 tokens), 32 prompt tokens of width 256
+SMALL_WAN = {"dim": 256, "ffn_dim": 1024, "num_heads": 4, "num_layers": 6, "text_dim": 256, "text_len": 32}
+SMALL_WAN_LATENT, SMALL_WAN_PROMPT = (16, 5, 24, 24), (32, 256)
+
+
+def measure_checkpointing_cpu(glue, adapters_module, repeats: int, batch: int = 2) -> dict:
+    """On this CPU, fp32, a small Wan 2.1 (:data:`SMALL_WAN`), batch ``batch``: per training step (adapted forward,
+    backward, AdamW) with and without gradient checkpointing, the time (median of ``repeats``), the bytes autograd
+    keeps from forward to backward (counted as the trainer's copying hooks save them) and the adapters' gradients
+    (the same up to float summation order)."""
+    import dataclasses
+
+    family = dataclasses.replace(host_models.family("wan21"), config={**host_models.family("wan21").config, **SMALL_WAN},
+                                 latent_shape=SMALL_WAN_LATENT, context_dim=SMALL_WAN_PROMPT[1],
+                                 tokens=SMALL_WAN_PROMPT[0])
+    model = host_models.patcher(host_models.family_model(family, seed=0))
+    diffusion_model = model.model.diffusion_model
+    diffusion_model.requires_grad_(False)
+    points = glue.attach_points(model)
+    torch.manual_seed(0)
+    adapters = adapters_module.GuidanceAdapters(adapters_module.AdapterSpec(points, SMALL_WAN_PROMPT[1],
+                                                                            SMALL_WAN_PROMPT[1], "cross_attention", WIDTH))
+    patched = glue.attach(model, None)
+    optimizer = torch.optim.SGD(adapters.parameters(), lr=0.0)  # the step's cost, weights kept for the comparison
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, *SMALL_WAN_LATENT, generator=generator)
+    tokens = torch.randn(batch, *SMALL_WAN_PROMPT, generator=generator)
+    sigma = torch.full((batch,), 0.7)
+    target = torch.randn(batch, *SMALL_WAN_LATENT, generator=generator)
+
+    def train_step(checkpointing: bool, kept: list | None = None):
+        optimizer.zero_grad(set_to_none=True)
+        bound = glue.bind_adapters(adapters, 5.0, sigma, tokens, {}, None)
+        options = {**patched.model_options["transformer_options"], glue.BOUND_KEY: bound, "cond_or_uncond": [0],
+                   "sigmas": sigma, "optimized_attention_override": glue.differentiable_attention}
+        options.pop("wrappers", None)
+        if checkpointing:
+            options[glue.CHECKPOINT_KEY] = glue.block_checkpointing()
+
+        def pack(tensor):  # the trainer's saved_activations_copied, counting what it keeps
+            if isinstance(tensor, torch.nn.Parameter):
+                return tensor
+            if kept is not None:
+                kept.append(tensor.numel() * tensor.element_size())
+            return tensor.clone()
+
+        with glue.host_training_mode():  # 0.33's differentiable rope, as the trainer sets it
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+                output = patched.model.apply_model(x, sigma, c_crossattn=tokens, transformer_options=options)
+            loss = (output.float() - target).square().mean()
+            with glue.saved_activations_copied():
+                loss.backward()
+        optimizer.step()
+        return float(loss), [p.grad.clone() for p in adapters.parameters()]
+
+    result = {"threads": torch.get_num_threads(), "batch": batch, "latent": list(SMALL_WAN_LATENT),
+              "model": SMALL_WAN, "base_parameters": sum(p.numel() for p in diffusion_model.parameters()),
+              "adapter_parameters": adapters.count_parameters()}
+    gradients = {}
+    for checkpointing in (False, True):
+        kept: list[int] = []
+        loss, gradients[checkpointing] = train_step(checkpointing, kept)
+        name = "checkpointed" if checkpointing else "plain"
+        result[f"{name}_kept_bytes"] = sum(kept)
+        result[f"{name}_loss"] = loss
+        result[f"{name}_train_step_s"] = timed(lambda: train_step(checkpointing), repeats)
+    result["time_ratio"] = result["checkpointed_train_step_s"] / result["plain_train_step_s"]
+    result["kept_ratio"] = result["checkpointed_kept_bytes"] / result["plain_kept_bytes"]
+    result["largest_gradient_difference"] = max((a - b).abs().max().item() / max(a.abs().max().item(), 1e-30)
+                                                for a, b in zip(gradients[False], gradients[True]))
+    return result
+
+
 def _peak_rss() -> int:
     import resource
 
@@ -218,8 +308,8 @@ def _peak_rss() -> int:
 
 def gpu_estimate(memory: dict, batch: int, gpu_gb: int = 24, bytes_per_weight: float = 2) -> dict:
     """Memory of training on a ``gpu_gb`` GPU with fp16 weights, or fp8 (``bytes_per_weight`` 1), see the module
-    docstring; with per-block gradient checkpointing too where the model is a DiT (an estimate of a trainer
-    option that does not exist yet)."""
+    docstring; with the trainer's per-block gradient checkpointing too where the model is a DiT (its counted bytes
+    plus the largest block's, recomputed in backward)."""
     weights = bytes_per_weight * memory["base_parameters"]
     adapters = 4 * 4 * memory["adapter_parameters"]  # weights, gradients, two AdamW moments, fp32
     activations = batch * memory["saved_activation_bytes_per_example"]  # flash / memory-efficient attention
@@ -239,6 +329,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=4, help="training batch of the GPU estimate (the node's default)")
     parser.add_argument("--skip-cpu", action="store_true", help="only the memory measurements (fast)")
+    parser.add_argument("--checkpointing-cpu", action="store_true",
+                        help="only the CPU time and kept bytes of a training step with and without gradient "
+                             "checkpointing on a small Wan 2.1")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=list(MODELS), metavar="NAME",
                         help=f"models to measure (default all): {', '.join(MODELS)}")
@@ -251,6 +344,9 @@ def main() -> None:
     glue = sys.modules[pack_module + ".nodes.adapter_patch"]
     adapters_module = sys.modules[pack_module + ".fastguidance.adapters"]
     results = {}
+    if args.checkpointing_cpu:
+        results["small Wan 2.1, gradient checkpointing"] = measure_checkpointing_cpu(glue, adapters_module, args.repeats)
+        args.models = []
     for name in args.models:
         print(f"measuring {name}", file=sys.stderr)
         memory = measure_memory(glue, adapters_module, name)

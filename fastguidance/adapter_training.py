@@ -18,6 +18,7 @@ the adapted model's prediction for a batch of stored rows.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -251,6 +252,59 @@ def _jsonable(value: Any) -> Any:
     import json
 
     return json.loads(json.dumps(value))
+
+
+class _RecomputedInBackward(torch.autograd.Function):
+    """Runs ``run(args)`` without keeping its activations; recomputes them in the backward pass.
+
+    Keeps only the tensor values of ``args`` that are its top-level entries (the inputs); runs on clones of
+    them, so a block that updates its inputs in place (the host's Flux blocks: ``txt += …``) never changes
+    what backward recomputes from. Gradients flow to those top-level tensors only: nested tensors (in
+    ``transformer_options``) and the frozen model's parameters get none, which is what adapter training needs.
+    """
+
+    @staticmethod
+    def forward(ctx, run, recompute_context, args, keys, names, *values):
+        ctx.run, ctx.recompute_context, ctx.args, ctx.keys = run, recompute_context, args, keys
+        ctx.save_for_backward(*values)
+        out = run({**args, **{key: value.clone() for key, value in zip(keys, values)}})
+        # the caller reads the output's names and non-tensor entries from ``names`` (apply returns a tuple)
+        names["tensors"] = ctx.out_keys = [key for key, value in out.items() if torch.is_tensor(value)]
+        names["rest"] = {key: value for key, value in out.items() if not torch.is_tensor(value)}
+        return tuple(out[key] for key in ctx.out_keys)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        needs = ctx.needs_input_grad[5:]
+        inputs = [value.detach().requires_grad_(need) for value, need in zip(ctx.saved_tensors, needs)]
+        with torch.enable_grad(), ctx.recompute_context():
+            out = ctx.run({**ctx.args, **{key: value.clone() for key, value in zip(ctx.keys, inputs)}})
+        pairs = [(out[key], grad) for key, grad in zip(ctx.out_keys, grads)
+                 if grad is not None and out[key].requires_grad]
+        wanted = [value for value, need in zip(inputs, needs) if need]
+        found = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
+                     if pairs and wanted else [None] * len(wanted))
+        return (None, None, None, None, None, *[next(found) if need else None for need in needs])
+
+
+def recomputed_in_backward(run: Callable[[dict], dict], args: dict,
+                           recompute_context: Callable[[], Any] = contextlib.nullcontext) -> dict:
+    """Gradient checkpointing (Chen et al. 2016, arXiv 1604.06174) of one block: ``run(args) → dict``.
+
+    Between forward and backward only the block's tensor inputs are kept (one block's activations exist at
+    a time, during its recomputation), for one more forward pass of the block per training step. The result
+    equals ``run(args)``; so do the gradients, up to the order of floating-point sums. ``recompute_context``
+    wraps the recomputation (the hooks the forward pass ran under, e.g. copies of saved activations).
+    A block none of whose inputs needs a gradient is simply run: autograd keeps nothing for it anyway.
+    """
+    keys = [key for key, value in args.items() if torch.is_tensor(value)]
+    values = [args[key] for key in keys]
+    if not torch.is_grad_enabled() or not any(value.requires_grad for value in values):
+        return run(args)
+    rest = {key: value for key, value in args.items() if key not in keys}
+    names: dict = {}
+    outputs = _RecomputedInBackward.apply(run, recompute_context, rest, keys, names, *values)
+    return {**names["rest"], **dict(zip(names["tensors"], outputs))}
 
 
 def train_on_store(trainer: DistillationTrainer, store: TrajectoryStore,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import types
 from typing import Any, Iterator
 
 import comfy.model_management
@@ -29,6 +30,7 @@ import comfy.model_patcher
 import comfy.patcher_extension
 import torch
 
+from ..fastguidance.adapter_training import recomputed_in_backward
 from ..fastguidance.adapters import GuidanceAdapters, adapter_row_scale, prompt_vector
 from ..fastguidance.errors import InvalidInputError
 from ..fastguidance.policies import AdapterGuidance
@@ -43,6 +45,9 @@ SETTINGS_KEY = "fastguidance_agd"
 BOUND_KEY = "fastguidance_agd_bound"
 #: transformer_options key, per run: ω read from the sampler's cfg
 OMEGA_KEY = "fastguidance_agd_omega"
+#: transformer_options key, training only: ``run(block, args) → out`` that runs a DiT block with gradient
+#: checkpointing (absent when sampling, and when training without it)
+CHECKPOINT_KEY = "fastguidance_agd_checkpoint"
 #: key of the pack's APPLY_MODEL and OUTER_SAMPLE wrappers for adapters
 WRAPPER_KEY = "fastguidance_agd"
 #: DiT families by the host's class of their diffusion model → (attribute listing the blocks that
@@ -129,11 +134,43 @@ class DoubleBlockPatch(_AdapterPatch):
         return super().models() + (self.previous.models() if hasattr(self.previous, "models") else [])
 
     def __call__(self, args: dict, extra: dict) -> dict:
-        out = self.previous(args, extra) if self.previous is not None else extra["original_block"](args)
-        bound = (args.get("transformer_options") or {}).get(BOUND_KEY)
+        options = args.get("transformer_options") or {}
+        checkpointed = options.get(CHECKPOINT_KEY)
+        if checkpointed is not None:  # training with gradient checkpointing: the block's activations recomputed
+            # in backward, after the host's loop has moved on: the block and options as they are now
+            extra = {**extra, "original_block": frozen_closure(extra["original_block"])}
+            args = {**args, "transformer_options": dict(options)}
+            out = checkpointed(lambda block_args: self._block(block_args, extra), args)
+        else:
+            out = self._block(args, extra)
+        bound = options.get(BOUND_KEY)
         if bound is None:
             return out
         return {**out, "img": bound(f"double_block.{self.index}", out["img"])}
+
+    def _block(self, args: dict, extra: dict) -> dict:
+        return self.previous(args, extra) if self.previous is not None else extra["original_block"](args)
+
+
+def frozen_closure(function: Any) -> Any:
+    """``function`` with the variables it closes over fixed at their current values.
+
+    The hosts' ``block_wrap`` closes over the loop variable ``block`` (and the loop's other locals): called
+    later, as a recomputation in the backward pass is, it would run whatever block the loop reached last
+    (Flux: a single-stream block). Not a closure: returned as it is."""
+    closure = getattr(function, "__closure__", None)
+    if not closure:
+        return function
+    cells = tuple(types.CellType(cell.cell_contents) if _filled(cell) else types.CellType() for cell in closure)
+    return types.FunctionType(function.__code__, function.__globals__, function.__name__, function.__defaults__, cells)
+
+
+def _filled(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:
+        return False
+    return True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,6 +330,13 @@ def trainable_weights(module: torch.nn.Module) -> Iterator[int]:
             table[name] = tensor
         for parameter in frozen:
             parameter.requires_grad_(True)
+
+
+def block_checkpointing():
+    """What ``CHECKPOINT_KEY`` holds while training with gradient checkpointing: a DiT block run by
+    :func:`~fastguidance.adapter_training.recomputed_in_backward`, recomputed under the same copies of saved
+    activations as the forward pass (:func:`saved_activations_copied`: the host's blocks update in place)."""
+    return lambda run, args: recomputed_in_backward(run, args, saved_activations_copied)
 
 
 def _copy_unless_parameter(tensor: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ from ..fastguidance.adapters import ADAPTER_KINDS, AdapterSpec, GuidanceAdapters
 from ..fastguidance.errors import FastGuidanceError, InvalidInputError
 from ..fastguidance.guidance import noise_of
 from . import model_folders, page_messages
-from .adapter_patch import (BOUND_KEY, attach, attach_points, bind_adapters, differentiable_attention, has_adapters,
+from .adapter_patch import (BOUND_KEY, CHECKPOINT_KEY, attach, block_checkpointing, attach_points, bind_adapters, differentiable_attention, has_adapters,
                             host_training_mode, install_adapters, is_dit, saved_activations_copied, trainable_weights,
                             warn_outside_range)
 from .trainers import curve_image, prompt_lines
@@ -35,8 +35,9 @@ log = logging.getLogger("fastguidance")
 
 CHECKPOINT_SUFFIX = ".checkpoint"  # not .safetensors: checkpoints never show up in the loader's list
 #: defaults of the trainer's inputs added after it first shipped; start 0 and end 10000 record every step, as
-#: the node did before them, and frames only concern video models, which it did not support then
-RECORDING_DEFAULTS = {"frames": 33, "start_at_step": 0, "end_at_step": 10000}
+#: the node did before them, frames only concern video models, which it did not support then, and training
+#: without gradient checkpointing is what it always did
+RECORDING_DEFAULTS = {"frames": 33, "start_at_step": 0, "end_at_step": 10000, "gradient_checkpointing": False}
 #: latent downscale ratios of 0.3.64's latent formats, which do not carry them (0.33's have
 #: ``spacial_downscale_ratio`` / ``temporal_downscale_ratio``); the values its empty-latent nodes use
 _SPATIAL_RATIOS = {"Wan22": 16, "LTXV": 32, "HunyuanImage21": 32, "HunyuanVideo15": 16}
@@ -272,6 +273,13 @@ class TrainGuidanceAdapterNode(io.ComfyNode):
                              tooltip="Recording stops at this step, 0–10000 (10000: to the end), as in "
                                      "KSamplerAdvanced. Wan 2.2's high-noise model: the step where your workflow "
                                      "switches to the low-noise model (10 of 20)."),
+                io.Boolean.Input("gradient_checkpointing", default=RECORDING_DEFAULTS["gradient_checkpointing"],
+                                 optional=True,
+                                 tooltip="On or off (off). On: DiTs (Wan, SD3, Qwen-Image; Flux's double blocks) "
+                                         "keep only each block's input for the backward pass and recompute the "
+                                         "block there: far less activation memory (the README's cost table) for "
+                                         "about one more forward pass per training step; same adapters. UNets "
+                                         "(SD1.x/SDXL) train without it. Sampling is unchanged either way."),
                 io.Model.Input("earlier_model", optional=True,
                                tooltip="Samples the steps before start_at_step (with CFG, not recorded): Wan 2.2's "
                                        "high-noise model when training the low-noise one. Unconnected: the "
@@ -295,7 +303,8 @@ class TrainGuidanceAdapterNode(io.ComfyNode):
                 learning_rate: float, kind: str, adapter_width: int, seed: int, filename: str, overwrite: bool,
                 resume: bool, frames: int = RECORDING_DEFAULTS["frames"],
                 start_at_step: int = RECORDING_DEFAULTS["start_at_step"],
-                end_at_step: int = RECORDING_DEFAULTS["end_at_step"], earlier_model=None) -> io.NodeOutput:
+                end_at_step: int = RECORDING_DEFAULTS["end_at_step"], earlier_model=None,
+                gradient_checkpointing: bool = RECORDING_DEFAULTS["gradient_checkpointing"]) -> io.NodeOutput:
         check_inputs(cls, locals(), *_TRAIN_CHECKS)
         began = time.perf_counter()
         if has_adapters(model):
@@ -336,7 +345,7 @@ class TrainGuidanceAdapterNode(io.ComfyNode):
                         "steps": steps, "sampler": sampler_name, "scheduler": scheduler, "width": width,
                         "height": height, **recording_identity(sample_shape, frames, segment, steps, earlier_model)}
             adapters, trainer, memory = _train(model, spec, settings, store, conditioning, checkpoint_path, identity,
-                                               resume, progress)
+                                               resume, progress, gradient_checkpointing)
         finally:
             store.close()
         info = {"architecture": model_architecture(model), "model_fingerprint": identity["model_fingerprint"],
@@ -347,6 +356,7 @@ class TrainGuidanceAdapterNode(io.ComfyNode):
                 "scheduler": scheduler, "width": width, "height": height,
                 **recording_identity(sample_shape, frames, segment, steps, earlier_model),
                 "train_steps": train_steps, "batch": batch,
+                **({"gradient_checkpointing": True} if gradient_checkpointing and is_dit(points) else {}),
                 "learning_rate": learning_rate, "seed": seed, "final_loss": trainer.final_loss(),
                 "loss_every_50": [sum(trainer.losses[i:i + 50]) / len(trainer.losses[i:i + 50])
                                   for i in range(0, len(trainer.losses), 50)],
@@ -461,8 +471,12 @@ def _record_trajectories(model, clip, lines: list[str], negative: str, omega_ran
 
 
 def _train(model, spec: AdapterSpec, settings: TrainingSettings, store: TrajectoryStore, conditioning: list[dict],
-           checkpoint_path: str, identity: dict, resume: bool, progress) -> tuple[GuidanceAdapters, DistillationTrainer, dict]:
-    """Distil the stored trajectories into new adapters; checkpoints on interruption and every tenth of the run."""
+           checkpoint_path: str, identity: dict, resume: bool, progress,
+           gradient_checkpointing: bool = False) -> tuple[GuidanceAdapters, DistillationTrainer, dict]:
+    """Distil the stored trajectories into new adapters; checkpoints on interruption and every tenth of the run.
+
+    ``gradient_checkpointing``: DiT blocks recompute their activations in the backward pass
+    (:func:`~fastguidance.adapter_training.recomputed_in_backward` through ``CHECKPOINT_KEY``); UNets ignore it."""
     # the whole model on the device and everything else (text encoder, VAE) off it, as the host's own trainer does
     comfy.model_management.load_models_gpu([model], memory_required=1e20, force_full_load=True)
     device = model.load_device
@@ -478,6 +492,10 @@ def _train(model, spec: AdapterSpec, settings: TrainingSettings, store: Trajecto
             progress.update(trainer.step)
         patched = attach(model, None)
         base_options = patched.model_options["transformer_options"]
+        if gradient_checkpointing and is_dit(spec.attach_points):
+            base_options = {**base_options, CHECKPOINT_KEY: block_checkpointing()}
+        elif gradient_checkpointing:
+            log.info("FastGuidance [agd]: gradient_checkpointing applies to DiT blocks; this UNet trains without it")
         base_model = patched.model
 
         def predict(x, sigma, omega, prompt):
@@ -522,7 +540,8 @@ def _train(model, spec: AdapterSpec, settings: TrainingSettings, store: Trajecto
             except torch.cuda.OutOfMemoryError:
                 checkpoint(trainer)
                 raise InvalidInputError("batch", settings.batch, f"training ran out of GPU memory at step {trainer.step}: "
-                                        "lower batch (or width and height), then run again with resume on "
+                                        "lower batch (or width and height; DiTs: turn on gradient_checkpointing), then run again "
+                                        "with resume on "
                                         f"(checkpoint kept in {checkpoint_path})") from None
     adapters.cpu().eval().requires_grad_(False)
     memory = {"weights_copied_bytes": copied}

@@ -1,5 +1,6 @@
 """AGD core: Fourier encoding, adapter shapes and size, the CFG target, and a short training that lowers the loss."""
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -7,8 +8,8 @@ import torch
 
 from fastguidance.adapters import (AdapterSpec, CrossAttentionAdapter, FourierFeatures, GuidanceAdapters, OffsetAdapter,
                                    cfg_target, distillation_loss, prompt_vector)
-from fastguidance.adapter_training import (DistillationTrainer, TrainingSettings, TrajectoryStore, train_on_store,
-                                           trajectory_bytes)
+from fastguidance.adapter_training import (DistillationTrainer, TrainingSettings, TrajectoryStore, recomputed_in_backward,
+                                           train_on_store, trajectory_bytes)
 from fastguidance.errors import FastGuidanceError, InvalidInputError
 from fastguidance.reference.adapters import (adapter_spec, attach_points, collect_trajectories, single_pass_noise,
                                              train_adapters)
@@ -193,3 +194,57 @@ def test_a_loss_scaler_gives_the_same_training_in_fp32():
         train_on_store(trainer, store, predict_with(trainer.adapters))
         runs.append(trainer)
     assert runs[0].losses == pytest.approx(runs[1].losses, rel=1e-4)
+
+
+def _block_updating_its_inputs_in_place(weight: torch.Tensor):
+    """A block like the host's Flux blocks: it saves its input for backward, then updates it in place."""
+    def run(args: dict) -> dict:
+        img, txt = args["img"], args["txt"]
+        mixed = torch.tanh(img @ weight) * txt
+        txt += mixed  # in place, after tanh and the product saved their inputs
+        return {"img": img + mixed, "txt": txt, "note": args["note"]}
+    return run
+
+
+@pytest.mark.parametrize("copied", [False, True])
+def test_a_block_recomputed_in_backward_gives_the_plain_blocks_outputs_and_gradients(copied):
+    """recomputed_in_backward: same outputs and gradients (exactly here) as running the block, with only its inputs
+    kept between forward and backward; inputs the block updates in place stay untouched; a block whose inputs need
+    no gradient is simply run."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(8, 8, generator=generator)
+    scale = torch.randn(8, generator=generator).requires_grad_(True)
+    img0, txt0 = torch.randn(3, 8, generator=generator), torch.randn(3, 8, generator=generator)
+
+    def copies():
+        return torch.autograd.graph.saved_tensors_hooks(lambda tensor: tensor.clone(), lambda tensor: tensor)
+
+    def training_step(checkpointed: bool):
+        scale.grad = None
+        kept: list[int] = []
+
+        def pack(tensor):
+            kept.append(tensor.numel())
+            return tensor.clone()  # the host glue's copies (in-place updates after a save)
+
+        block = _block_updating_its_inputs_in_place(weight)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            args = {"img": img0 * scale, "txt": txt0 * scale, "note": "kept as it is"}
+            txt_before = args["txt"].detach().clone()
+            out = recomputed_in_backward(block, args, copies if copied else contextlib.nullcontext) if checkpointed \
+                else block(dict(args))
+            inputs_untouched = torch.equal(args["txt"], txt_before)
+            second = block({"img": out["img"] * scale, "txt": out["txt"].clone(), "note": None})
+            loss = second["img"].square().sum() + second["txt"].sum()
+        with copies():
+            loss.backward()
+        return out, loss.item(), scale.grad.clone(), sum(kept), inputs_untouched
+
+    plain, checkpointed = training_step(False), training_step(True)
+    assert checkpointed[0]["note"] == "kept as it is" and set(checkpointed[0]) == {"img", "txt", "note"}
+    assert torch.equal(plain[0]["img"], checkpointed[0]["img"]) and torch.equal(plain[0]["txt"], checkpointed[0]["txt"])
+    assert plain[1] == checkpointed[1] and torch.equal(plain[2], checkpointed[2])
+    assert checkpointed[3] < plain[3]  # the recomputed block's activations were not kept
+    assert checkpointed[4] and not plain[4]  # the checkpointed block ran on copies of its inputs
+    no_gradient = {"img": img0, "txt": txt0.clone(), "note": 1}
+    assert recomputed_in_backward(_block_updating_its_inputs_in_place(weight), no_gradient)["txt"] is no_gradient["txt"]

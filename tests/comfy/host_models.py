@@ -188,6 +188,22 @@ class Family:
         return len(self.latent_shape) == 4
 
 
+class FamilyClip:
+    """Enough of a text encoder for the adapter trainer: seeded tokens of the family's width (and its pooled
+    vector), the same for the same text; the empty (negative) prompt gets small tokens."""
+
+    def __init__(self, family: Family):
+        self.family = family
+
+    def tokenize(self, text):
+        return text
+
+    def encode_from_tokens_scheduled(self, text):
+        generator = torch.Generator().manual_seed(sum(map(ord, text)) % 10_000)
+        tokens = torch.randn(1, self.family.tokens, self.family.context_dim, generator=generator) * (3.0 if text else 0.1)
+        return [[tokens, self.family.extras(self.family.tokens, generator) if self.family.extras else {}]]
+
+
 class FamilyUnavailable(RuntimeError):
     """This host cannot build the family (its class is missing): the message says what is missing."""
 

@@ -35,19 +35,7 @@ STEPS = 4
 CFG = 5.0
 
 
-class FamilyClip:
-    """Enough of a text encoder for the trainer: seeded tokens of the family's width (and its pooled vector)."""
-
-    def __init__(self, family: host_models.Family):
-        self.family = family
-
-    def tokenize(self, text):
-        return text
-
-    def encode_from_tokens_scheduled(self, text):
-        generator = torch.Generator().manual_seed(sum(map(ord, text)) % 10_000)
-        tokens = torch.randn(1, self.family.tokens, self.family.context_dim, generator=generator) * (3.0 if text else 0.1)
-        return [[tokens, self.family.extras(self.family.tokens, generator) if self.family.extras else {}]]
+FamilyClip = host_models.FamilyClip
 
 
 @pytest.fixture()
@@ -79,7 +67,8 @@ def train(host, model, key: str, filename: str, **changes):
                     scheduler="simple", width=size, height=size, train_steps=4, batch=2, learning_rate=1e-3,
                     kind="cross_attention", adapter_width=16, seed=0, filename=filename, overwrite=False, resume=True)
     extra = {"frames": frames, **{name: changes.pop(name) for name in list(changes)
-                                  if name in ("frames", "start_at_step", "end_at_step", "earlier_model")}}
+                                  if name in ("frames", "start_at_step", "end_at_step", "earlier_model",
+                                              "gradient_checkpointing")}}
     settings.update(changes)
     node = host.node("FastGuidance_TrainGuidanceAdapter", "9")
     return node.execute(model, FamilyClip(family), PROMPTS, "", *settings.values(), **extra)
@@ -150,6 +139,53 @@ def test_adapters_train_load_and_cost_one_evaluation_per_step(host, models, adap
     assert (custom_sampler(host, key, load(host, model, f"{key}.safetensors", strength=0.0)) -
             custom_sampler(host, key, model, cfg=1.0)).abs().max().item() == 0.0
     assert (guided - unguided).abs().max().item() > 0.0
+
+
+#: family key → the attribute holding the blocks the adapters follow
+BLOCKS = {"wan21": "blocks", "sd3": "joint_blocks", "flux": "double_blocks"}
+
+
+@pytest.mark.parametrize("key", list(BLOCKS))
+def test_gradient_checkpointing_trains_the_same_adapters_and_recomputes_every_block_with_gradients(
+        host, models, adapter_folder, monkeypatch, key):
+    """Same seed and data with and without gradient_checkpointing: the same loss curve and adapter weights (up to
+    float summation order); with it, every block whose input needs a gradient (all but the first) runs once more
+    per training step (its recomputation in the backward pass), and sampling with the files is unchanged."""
+    trainer_core = pack_module(host, "fastguidance.adapter_training")
+    original_step = trainer_core.DistillationTrainer.train_step
+    losses: list[float] = []
+    monkeypatch.setattr(trainer_core.DistillationTrainer, "train_step",
+                        lambda self, loss_of: losses.append(original_step(self, loss_of)) or losses[-1])
+    model = models(key)
+    blocks = getattr(model.model.diffusion_model, BLOCKS[key])
+    calls = [0]
+    handles = [block.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1)) for block in blocks]
+    train_steps, curves, block_calls = 6, {}, {}
+    try:
+        for checkpointing in (False, True):
+            losses.clear()
+            calls[0] = 0
+            train(host, model, key, f"{key}_{checkpointing}", gradient_checkpointing=checkpointing,
+                  train_steps=train_steps)
+            curves[checkpointing], block_calls[checkpointing] = list(losses), calls[0]
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(blocks) >= 2 and block_calls[True] - block_calls[False] == train_steps * (len(blocks) - 1)
+    plain, checkpointed = torch.tensor(curves[False]), torch.tensor(curves[True])
+    assert len(plain) == train_steps and plain[0] != plain[-1]
+    assert ((checkpointed - plain).abs() / plain.abs()).max().item() < 1e-4, (curves[False], curves[True])
+    adapters_module = pack_module(host, "fastguidance.adapters")
+    (plain_adapters, plain_meta), (checkpointed_adapters, checkpointed_meta) = (
+        adapters_module.load_adapters(adapter_folder / f"{key}_{checkpointing}.safetensors")
+        for checkpointing in (False, True))
+    assert "gradient_checkpointing" not in plain_meta and checkpointed_meta["gradient_checkpointing"] is True
+    for (name, a), (_, b) in zip(plain_adapters.state_dict().items(), checkpointed_adapters.state_dict().items()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), name
+    # sampling never checkpoints: the adapted results of both files agree as closely as their weights
+    results = [ksampler(host, key, load(host, model, f"{key}_{checkpointing}.safetensors"))
+               for checkpointing in (False, True)]
+    assert torch.allclose(results[0], results[1], rtol=1e-3, atol=1e-4)
 
 
 def test_a_file_of_another_family_or_attach_point_set_is_refused_by_name(host, models, adapter_folder):
