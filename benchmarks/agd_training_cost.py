@@ -280,7 +280,7 @@ def measure_checkpointing_cpu(glue, adapters_module, repeats: int, batch: int = 
             with glue.saved_activations_copied():
                 loss.backward()
         optimizer.step()
-        return float(loss), [p.grad.clone() for p in adapters.parameters()]
+        return float(loss.detach()), [p.grad.clone() for p in adapters.parameters()]
 
     result = {"threads": torch.get_num_threads(), "batch": batch, "latent": list(SMALL_WAN_LATENT),
               "model": SMALL_WAN, "base_parameters": sum(p.numel() for p in diffusion_model.parameters()),
