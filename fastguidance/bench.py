@@ -207,10 +207,11 @@ class Sampled:
 def selected_variants(methods: tuple[str, ...], defaults_only: bool = False) -> list[BenchVariant]:
     """The rows to run: every variant, or those of ``methods``, and always CFG (the reference). With
     ``defaults_only``, of those only no guidance, CFG, each method's row at its node's defaults, the
-    guidance interval and the combinations (``+``): about a third of the full run's work."""
+    guidance interval and the combinations (``+``, but not the combination search's settings): about
+    a third of the full run's work."""
     def core(variant: BenchVariant) -> bool:
-        return (variant.defaults or variant.method in ("none", "guidance_interval") or "+" in variant.method
-                or (variant.method == "cfg" and not variant.settings))
+        return (variant.defaults or variant.method in ("none", "guidance_interval")
+                or ("+" in variant.method and not variant.search) or (variant.method == "cfg" and not variant.settings))
 
     return [v for v in all_variants() if (not methods or v.method in methods or v.method == "cfg")
             and (not defaults_only or core(v))]
