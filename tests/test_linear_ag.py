@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fastguidance.engine import Action
+from fastguidance.engine import Action, GuidanceRun
 from fastguidance.errors import FastGuidanceError, InvalidInputError, TensorFileError
 from fastguidance.policies import AdaptiveGuidance
 from fastguidance.policies.linear_ag import (LinearAG, LinearAGCalibration, LinearAGCoefficients,
@@ -115,6 +115,25 @@ def test_error_bound_uses_the_calibrated_errors(coefficients):
     result = sample(LinearUncondModel(), noise(1, 1), sigmas(), "cond", "uncond", 5.0, "euler",
                     [LinearAG(worse, mode="error_bound", error_bound=0.5)])
     assert [r.step for r in result.run.records if r.actions[0] == Action.FULL] == [0, 3]
+
+
+def test_settings_that_never_estimate_say_the_run_stays_plain_cfg(coefficients):
+    """GuidancePolicy.may_skip_uncond: a step cache beside the engine is then left exactly as alone."""
+    errors = coefficients.held_out_error + 0.1  # every call measured at least 0.1 wrong
+    table = LinearAGCoefficients(coefficients.coefficients, coefficients.call_sigmas, coefficients.call_steps,
+                                 coefficients.schedule, errors, coefficients.info)
+
+    def may_skip(**settings):
+        return GuidanceRun([LinearAG(table, **settings)], sigmas(), 1).may_skip_uncond()
+
+    assert may_skip() and may_skip(mode="after_step", after_step=STEPS - 1)
+    assert not may_skip(mode="after_step", after_step=STEPS)
+    lowest = float(errors[~errors.isnan()].min())
+    assert may_skip(mode="error_bound", error_bound=lowest) and not may_skip(mode="error_bound", error_bound=0.09)
+    for settings in ({"mode": "after_step", "after_step": STEPS}, {"mode": "error_bound", "error_bound": 0.09}):
+        result = sample(LinearUncondModel(), noise(1, 1), sigmas(), "cond", "uncond", 5.0, "euler",
+                        [LinearAG(table, **settings)])
+        assert result.run.summary().uncond_skipped == 0  # what it says is what it does
 
 
 def test_adaptive_guidance_cutoff_overrides_the_estimate(coefficients):

@@ -284,6 +284,7 @@ class ScheduleMismatchError(InvalidInputError):
 class _RunState:
     interpolate: bool
     history: deque
+    total_steps: int
     #: per call index: (coefficients as Python numbers, held-out error); filled lazily
     rows: dict[int, tuple[list[float], float]] = field(default_factory=dict)
 
@@ -331,7 +332,18 @@ class LinearAG(GuidancePolicy):
         if not matches and not self.interpolate_sigmas:
             raise self._mismatch(f"this run samples {run.total_steps} steps (sigmas {run.schedule[0]:.4g} → "
                                  f"{run.schedule[-2] if len(run.schedule) > 1 else 0:.4g})")
-        return _RunState(interpolate=not matches, history=deque(maxlen=self.coefficients.window))
+        return _RunState(interpolate=not matches, history=deque(maxlen=self.coefficients.window),
+                         total_steps=run.total_steps)
+
+    def may_skip_uncond(self, state: _RunState) -> bool:
+        """False for settings that never estimate in this run, which is then plain CFG: ``after_step`` at or
+        past the run's last step, or an ``error_bound`` below every calibrated call's held-out error
+        (interpolated errors lie between calibrated ones, so none can be lower)."""
+        if self.mode == "after_step":
+            return self.after_step < state.total_steps
+        if self.mode == "error_bound":
+            return any(not math.isnan(error) and error <= self.error_bound for error in self._host.held_out_error)
+        return state.total_steps > 1
 
     def _mismatch(self, what: str) -> ScheduleMismatchError:
         return ScheduleMismatchError(
