@@ -24,18 +24,14 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from paired_bench import paired_bench  # noqa: E402  (puts the project on the path)
 
 from fastguidance.adapters import GuidanceAdapters, distillation_loss, load_adapters  # noqa: E402
-from fastguidance.bench import BenchSettings, bench_scenes, run_variant  # noqa: E402
-from fastguidance.bench_methods import BenchContext, BenchVariant  # noqa: E402
-from fastguidance.metrics import bootstrap_indices, bootstrap_means, percentile_interval  # noqa: E402
+from fastguidance.bench_methods import BenchVariant  # noqa: E402
 from fastguidance.reference.adapters import (SinglePassModel, adapter_spec, collect_trajectories,  # noqa: E402
                                              single_pass_noise, train_adapters, training_prompts)
-from fastguidance.reference.classifier import adherence  # noqa: E402
-from fastguidance.reference.weights import ADAPTERS_PATH, CLASSIFIER_PATH, MODEL_PATH, load_classifier, load_model  # noqa: E402
-from fastguidance.schedules import make_sigmas  # noqa: E402
+from fastguidance.reference.weights import ADAPTERS_PATH  # noqa: E402
 
 #: the base recipe: the shipped one (``train_reference_adapters`` defaults) at half its steps
 BASE = {"train_steps": 300, "prompts": 128, "hidden": 32, "omega_range": (1.0, 8.0), "lr": 2e-3, "batch": 64}
@@ -85,23 +81,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("agd_ablation.jsonl"))
     parser.add_argument("--save-dir", type=Path, help="keep each run's adapters here")
     options = parser.parse_args()
-    torch.set_num_threads(1)
-    model, classifier = load_model(MODEL_PATH), load_classifier(CLASSIFIER_PATH)
-    settings = BenchSettings(samples=options.samples, held_out=options.samples // 3)
-    scenes = bench_scenes(settings)
-    noise = torch.randn(len(scenes), 3, 32, 32, generator=torch.Generator().manual_seed(settings.seed))
-    sigmas = make_sigmas(model.schedule, settings.scheduler, settings.steps)
-    with torch.no_grad():
-        cond, uncond = model.encode([s.prompt for s in scenes]), model.encode([""])
-    context = BenchContext(model, settings, sigmas, uncond)
-    cache = options.out.with_name(options.out.stem + f"_cfg{options.samples}.pt")
-    if cache.exists():
-        cfg_scores = torch.load(cache)
-    else:
-        cfg_images = run_variant(context, BenchVariant("cfg"), cond, noise)[0]
-        cfg_scores = adherence(classifier, cfg_images, scenes)
-        torch.save(cfg_scores, cache)
-    indices = bootstrap_indices(len(scenes), settings.resamples, 3_000_003 + settings.seed)
+    bench = paired_bench(options.samples, options.out)
+    model, settings = bench.model, bench.settings
     # held-out trajectories: prompts and noise of their own seed, at the bench's scale (what the row samples)
     validation = collect_trajectories(model, training_prompts(32, seed=99), (settings.scale, settings.scale), 20, seed=99)
     for name in [r.strip() for r in options.runs.split(",") if r.strip()]:
@@ -119,14 +100,10 @@ def main() -> None:
                               overwrite=True)
         adapters.eval()
         variant = BenchVariant("agd", guided=False, single_pass=lambda _: SinglePassModel(model, adapters, settings.scale))
-        images = run_variant(context, variant, cond, noise)[0]
-        scores = adherence(classifier, images, scenes)
-        low, high = percentile_interval(bootstrap_means(scores, indices) - bootstrap_means(cfg_scores, indices))
+        scores = bench.scores(variant)[0]
         row = {"run": name, "recipe": {k: list(v) if isinstance(v, tuple) else v for k, v in recipe.items()}, **info,
                "held_out_loss": held_out_loss(model, adapters, validation), "samples": options.samples,
-               "adherence": float(scores.mean()), "cfg_adherence": float(cfg_scores.mean()),
-               "delta_vs_cfg": float(scores.mean() - cfg_scores.mean()), "delta_ci95": [low, high],
-               "scores": [round(v, 4) for v in scores.tolist()]}
+               **bench.compared(scores), "scores": [round(v, 4) for v in scores.tolist()]}
         print(json.dumps({k: v for k, v in row.items() if k != "scores"}), flush=True)
         with options.out.open("a") as handle:
             handle.write(json.dumps(row) + "\n")

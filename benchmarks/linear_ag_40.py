@@ -23,19 +23,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from paired_bench import paired_bench  # noqa: E402  (puts the project on the path)
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from fastguidance.bench import BenchSettings, bench_scenes, run_variant  # noqa: E402
-from fastguidance.bench_methods import BenchContext, BenchVariant, calibrate_linear_ag  # noqa: E402
+from fastguidance.bench_methods import BenchVariant, calibrate_linear_ag  # noqa: E402
 from fastguidance.engine import Action  # noqa: E402
-from fastguidance.metrics import bootstrap_indices, bootstrap_means, percentile_interval  # noqa: E402
 from fastguidance.policies.linear_ag import LinearAG  # noqa: E402
-from fastguidance.reference.classifier import adherence  # noqa: E402
-from fastguidance.reference.weights import CLASSIFIER_PATH, MODEL_PATH, load_classifier, load_model  # noqa: E402
-from fastguidance.schedules import make_sigmas  # noqa: E402
 
 
 @dataclass(frozen=True, eq=False)
@@ -82,35 +75,16 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=96)
     parser.add_argument("--out", type=Path, default=Path("linear_ag_40.jsonl"))
     options = parser.parse_args()
-    torch.set_num_threads(1)
-    model, classifier = load_model(MODEL_PATH), load_classifier(CLASSIFIER_PATH)
-    settings = BenchSettings(samples=options.samples, held_out=options.samples // 3)
-    scenes = bench_scenes(settings)
-    noise = torch.randn(len(scenes), 3, 32, 32, generator=torch.Generator().manual_seed(settings.seed))
-    sigmas = make_sigmas(model.schedule, settings.scheduler, settings.steps)
-    with torch.no_grad():
-        cond, uncond = model.encode([s.prompt for s in scenes]), model.encode([""])
-    context = BenchContext(model, settings, sigmas, uncond)
-    cache = options.out.with_name(options.out.stem + f"_cfg{options.samples}.pt")
-    if cache.exists():
-        cfg_scores = torch.load(cache)
-    else:
-        cfg_scores = adherence(classifier, run_variant(context, BenchVariant("cfg"), cond, noise)[0], scenes)
-        torch.save(cfg_scores, cache)
-    indices = bootstrap_indices(len(scenes), settings.resamples, 3_000_003 + settings.seed)
-    coefficients = calibrate_linear_ag(context, options.paths, options.window, options.regularization)
+    bench = paired_bench(options.samples, options.out)
+    coefficients = calibrate_linear_ag(bench.context, options.paths, options.window, options.regularization)
     errors = [round(e, 3) for e in coefficients.held_out_error.tolist()]
     print(json.dumps({"paths": options.paths, "window": options.window, "held_out_error_by_call": errors}), flush=True)
     for text in options.policies.split(","):
         policy = policy_of(text, coefficients)
-        images, evaluations, _, _ = run_variant(context, BenchVariant("linear_ag", make_policies=lambda _: [policy]),
-                                                cond, noise)
-        scores = adherence(classifier, images, scenes)
-        low, high = percentile_interval(bootstrap_means(scores, indices) - bootstrap_means(cfg_scores, indices))
+        scores, evaluations = bench.scores(BenchVariant("linear_ag", make_policies=lambda _: [policy]))
         row = {"paths": options.paths, "window": options.window, "regularization": options.regularization,
                "policy": text, "samples": options.samples, "model_evals": sum(evaluations) / len(evaluations),
-               "adherence": float(scores.mean()), "cfg_adherence": float(cfg_scores.mean()),
-               "delta_vs_cfg": float(scores.mean() - cfg_scores.mean()), "delta_ci95": [low, high]}
+               **bench.compared(scores)}
         print(json.dumps(row), flush=True)
         with options.out.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
