@@ -34,6 +34,7 @@ from torch import nn
 
 from .errors import InvalidInputError, TensorFileError
 from .tensorfile import interpreting, load_tensor_file, module_from_file, save_tensor_file
+from .validation import is_finite_number
 
 ADAPTER_KINDS = ("cross_attention", "offset")
 FORMAT = "fastguidance.adapters"
@@ -256,13 +257,10 @@ def load_adapters(path: str | Path) -> tuple[GuidanceAdapters, dict[str, Any]]:
             raise TensorFileError(f"{path} does not name the architecture it was trained for: train it again")
         omega_range = metadata.get("omega_range")
         if omega_range is not None and not (isinstance(omega_range, list) and len(omega_range) == 2
-                                            and all(_is_number(value) for value in omega_range)
+                                            and all(is_finite_number(value) for value in omega_range)
                                             and omega_range[0] <= omega_range[1]):
             raise TensorFileError(f"{path} has an invalid omega_range {omega_range!r} (expected [low, high]): "
                                   "train it again")
     adapters = module_from_file(path, "guidance adapter", lambda: GuidanceAdapters(spec), tensors)
     return adapters.eval().requires_grad_(False), metadata
 
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -28,7 +28,7 @@ import torch
 
 from .engine import GuidancePolicy
 from .errors import InvalidInputError
-from .validation import require_number
+from .validation import is_finite_number, require_number
 from .metrics import ssim
 from .policies import AdaptiveGuidance, CompressGuidance
 
@@ -304,7 +304,7 @@ def load_preset(path: Any) -> dict[str, Any]:
     with interpreting(path, "preset"):
         # everything the loader and its summary read, so that a hand-edited preset fails here, by name
         for key in ("evaluations", "cfg_evaluations", "ssim_min", "target"):
-            if key in metadata and not _finite_number(metadata[key]):
+            if key in metadata and not is_finite_number(metadata[key]):
                 raise TensorFileError(f"{path} has {key} {metadata[key]!r}, not a number: tune again")
         if "steps" in metadata and not (isinstance(metadata["steps"], int) and metadata["steps"] >= 1):
             raise TensorFileError(f"{path} has steps {metadata['steps']!r}, not a step count: tune again")
@@ -320,9 +320,6 @@ def load_preset(path: Any) -> dict[str, Any]:
                 raise TensorFileError(f"{path} does not name its LinearAG calibration file: tune again")
     return metadata
 
-
-def _finite_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def preset_mismatch(metadata: dict[str, Any], model_fingerprint: str | None, schedule: dict[str, Any]) -> str | None:

@@ -37,9 +37,8 @@ class NumberRule:
 
     def check(self, name: str, value: object, fix: str | None = None) -> None:
         # the type first: comparing text or None with a number would raise a TypeError instead
-        kinds = (int,) if self.integer else (int, float)
-        if (isinstance(value, bool) or not isinstance(value, kinds)
-                or (isinstance(value, float) and not math.isfinite(value)) or not self.low <= value <= self.high):
+        if (not is_finite_number(value) or (self.integer and not isinstance(value, int))
+                or not self.low <= value <= self.high):
             raise InvalidInputError(name, value, fix or self.fix())
 
 
@@ -78,6 +77,11 @@ class SwitchRule:
 
 
 Rule = NumberRule | ChoiceRule | TextRule | SwitchRule
+
+
+def is_finite_number(value: object) -> bool:
+    """An int or float, not a bool, not NaN or infinite (what a number input or a file's number may hold)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def require_number(name: str, value: object, low: float, high: float, fix: str, integer: bool = False) -> None:
