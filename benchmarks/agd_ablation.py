@@ -2,7 +2,7 @@
 
 Each run trains adapters from the same seed with one factor changed from a base recipe (training
 steps, trajectory prompts, adapter width, ω range, learning rate) and evaluates them exactly as the
-bench's ``agd`` row does (:func:`fastguidance.bench.run_variant` with the adapted single-pass model at
+bench's ``agd`` row does (:func:`fastguidance.research.bench.run_variant` with the adapted single-pass model at
 the bench's scale), on the bench's own prompts and noise, against the bench's CFG row on the same
 prompts (paired bootstrap, the bench's seeds). It also reports the distillation loss on held-out
 trajectories (prompts of their own seed), to tell fitting from generalisation.
@@ -27,11 +27,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from paired_bench import paired_bench  # noqa: E402  (puts the project on the path)
 
-from fastguidance.adapters import GuidanceAdapters, distillation_loss, load_adapters  # noqa: E402
-from fastguidance.bench_methods import BenchVariant  # noqa: E402
-from fastguidance.reference.adapters import (SinglePassModel, adapter_spec, collect_trajectories,  # noqa: E402
-                                             single_pass_noise, train_adapters, training_prompts)
-from fastguidance.reference.weights import ADAPTERS_PATH  # noqa: E402
+from fastguidance.guidance_adapters.adapters import GuidanceAdapters, distillation_loss, load_adapters  # noqa: E402
+from fastguidance.research.bench_methods import BenchVariant  # noqa: E402
+from fastguidance.research.reference.adapters import (SinglePassModel, adapter_spec, collect_trajectories,
+                                                      # noqa: E402                                                       single_pass_noise,
+                                                      train_adapters, training_prompts)
+from fastguidance.research.reference.weights import ADAPTERS_PATH  # noqa: E402
 
 #: the base recipe: the shipped one (``train_reference_adapters`` defaults) at half its steps
 BASE = {"train_steps": 300, "prompts": 128, "hidden": 32, "omega_range": (1.0, 8.0), "lr": 2e-3, "batch": 64}
@@ -51,7 +52,7 @@ RUNS = {
 
 
 def train(model, recipe: dict, seed: int = 0) -> tuple[GuidanceAdapters, dict]:
-    """As :func:`fastguidance.reference.adapters.train_reference_adapters`, with the learning rate exposed."""
+    """As :func:`fastguidance.research.reference.adapters.train_reference_adapters`, with the learning rate exposed."""
     began = time.perf_counter()
     torch.manual_seed(seed)
     data = collect_trajectories(model, training_prompts(recipe["prompts"], seed), recipe["omega_range"], 20, seed=seed)
@@ -94,7 +95,7 @@ def main() -> None:
             recipe = {**BASE, **RUNS[name]}
             adapters, info = train(model, recipe)
             if options.save_dir:
-                from fastguidance.adapters import save_adapters
+                from fastguidance.guidance_adapters.adapters import save_adapters
                 options.save_dir.mkdir(parents=True, exist_ok=True)
                 save_adapters(adapters, options.save_dir / f"{name}.safetensors", {**info, "recipe": str(recipe)},
                               overwrite=True)

@@ -23,10 +23,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fastguidance.adapters import GuidanceAdapters, distillation_loss  # noqa: E402
-from fastguidance.reference.adapters import (Trajectories, adapter_spec, collect_trajectories,  # noqa: E402
-                                             single_pass_noise, train_adapters, training_prompts)
-from fastguidance.reference.weights import MODEL_PATH, load_model  # noqa: E402
+from fastguidance.guidance_adapters.adapters import GuidanceAdapters, distillation_loss  # noqa: E402
+from fastguidance.research.reference.adapters import (Trajectories, adapter_spec, collect_trajectories,
+                                                      # noqa: E402                                                       single_pass_noise,
+                                                      train_adapters, training_prompts)
+from fastguidance.research.reference.weights import MODEL_PATH, load_model  # noqa: E402
 
 INITS = {"zero": 0.0, "xavier_0.1 (ours)": 0.1, "xavier_1.0": 1.0}
 

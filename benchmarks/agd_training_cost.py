@@ -342,7 +342,7 @@ def main() -> None:
     host_args.use_pytorch_cross_attention = True  # what GPUs run (torch's SDPA), not the CPU's sub-quadratic default
     nodes, pack_module = host_models.load_pack(os.environ["COMFYUI_PATH"], PACK_DIR)
     glue = sys.modules[pack_module + ".nodes.adapter_patch"]
-    adapters_module = sys.modules[pack_module + ".fastguidance.adapters"]
+    adapters_module = sys.modules[pack_module + ".fastguidance.guidance_adapters.adapters"]
     results = {}
     if args.checkpointing_cpu:
         results["small Wan 2.1, gradient checkpointing"] = measure_checkpointing_cpu(glue, adapters_module, args.repeats)

@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fastguidance.reference.classifier import adherence, predict  # noqa: E402
-from fastguidance.reference.model import ReferenceModel  # noqa: E402
-from fastguidance.reference.scenes import random_scene  # noqa: E402
-from fastguidance.reference.train import render_prompts  # noqa: E402
-from fastguidance.reference.weights import MODEL_PATH, load_classifier, load_model  # noqa: E402
+from fastguidance.research.reference.classifier import adherence, predict  # noqa: E402
+from fastguidance.research.reference.model import ReferenceModel  # noqa: E402
+from fastguidance.research.reference.scenes import random_scene  # noqa: E402
+from fastguidance.research.reference.train import render_prompts  # noqa: E402
+from fastguidance.research.reference.weights import MODEL_PATH, load_classifier, load_model  # noqa: E402
 
 
 def position_probe(model: ReferenceModel, samples: int = 32) -> dict[str, float]:

@@ -31,9 +31,10 @@ from torch.utils._pytree import tree_flatten
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fastguidance.engine import GuidanceRun  # noqa: E402
-from fastguidance.policies import AdaptiveGuidance, CompressGuidance  # noqa: E402
-from fastguidance.policies.linear_ag import LinearAG, LinearAGCalibration  # noqa: E402
-from fastguidance.sampling import sample  # noqa: E402
+from fastguidance.adaptive_guidance import AdaptiveGuidance  # noqa: E402
+from fastguidance.compress_guidance import CompressGuidance
+from fastguidance.linear_ag import LinearAG, LinearAGCalibration  # noqa: E402
+from fastguidance.research.sampling import sample  # noqa: E402
 
 #: Wan 2.1 at 480p (832×480), 81 frames: VAE strides 8 (space) and 4 (time, first frame apart)
 WAN_LATENT = (16, (81 - 1) // 4 + 1, 480 // 8, 832 // 8)

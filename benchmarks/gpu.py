@@ -236,7 +236,8 @@ def import_pack() -> dict[str, types.ModuleType]:
             package.__path__ = [str(path)]
             sys.modules[name] = package
     names = {"engine_patch": "nodes.engine_patch", "adapter_patch": "nodes.adapter_patch",
-             "engine": "fastguidance.engine", "policies": "fastguidance.policies", "adapters": "fastguidance.adapters"}
+             "engine": "fastguidance.engine", "adaptive_guidance": "fastguidance.adaptive_guidance",
+             "compress_guidance": "fastguidance.compress_guidance", "adapters": "fastguidance.guidance_adapters.adapters"}
     return {key: importlib.import_module(f"{PACK_NAME}.{module}") for key, module in names.items()}
 
 
@@ -331,7 +332,8 @@ def run_tensor_bytes(run: Any) -> int:
 
 def method_models(pack: dict, model, family: Family, steps: int, context_width: int, pooled: int) -> dict:
     """Each method's MODEL, as the pack's nodes make them (``install_policy``, ``install_adapters``)."""
-    engine, policies, install_policy = pack["engine"], pack["policies"], pack["engine_patch"].install_policy
+    engine, install_policy = pack["engine"], pack["engine_patch"].install_policy
+    AdaptiveGuidance, CompressGuidance = pack["adaptive_guidance"].AdaptiveGuidance, pack["compress_guidance"].CompressGuidance
     adapter_patch, adapters_core = pack["adapter_patch"], pack["adapters"]
     half = steps // 2
 
@@ -343,9 +345,9 @@ def method_models(pack: dict, model, family: Family, steps: int, context_width: 
         def propose(self, state, context):
             return engine.Action.COND_ONLY if context.step >= half else None
 
-    never = policies.AdaptiveGuidance(threshold=1.0001)  # measures and reads the cosine, never latches
+    never = AdaptiveGuidance(threshold=1.0001)  # measures and reads the cosine, never latches
     ag = install_policy(install_policy(model, never, None), ForcedCut(), None)
-    compg = install_policy(model, policies.CompressGuidance(compression=4.0), None)
+    compg = install_policy(model, CompressGuidance(compression=4.0), None)
     torch.manual_seed(0)
     spec = adapters_core.AdapterSpec(adapter_patch.attach_points(model), context_width, pooled, "cross_attention", 160)
     adapters = adapters_core.GuidanceAdapters(spec).eval().requires_grad_(False)

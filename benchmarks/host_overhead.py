@@ -62,7 +62,7 @@ def main() -> None:
     nodes, pack_module = host_models.load_pack(comfyui_path, PACK_DIR)
     engine_patch = sys.modules[pack_module + ".nodes.engine_patch"]
     engine = sys.modules[pack_module + ".fastguidance.engine"]
-    adaptive = sys.modules[pack_module + ".fastguidance.policies.adaptive"]
+    adaptive = sys.modules[pack_module + ".fastguidance.adaptive_guidance"]
     torch.set_grad_enabled(False)
 
     base_model = host_models.sd15_detectable_model()

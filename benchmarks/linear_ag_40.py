@@ -1,6 +1,6 @@
 """What LinearAG needs for 40% fewer evaluations (24 of 40 at 20 steps) on the reference model.
 
-Calibrates LinearAG as the bench does (:func:`fastguidance.bench_methods.calibrate_linear_ag`: the
+Calibrates LinearAG as the bench does (:func:`fastguidance.research.bench_methods.calibrate_linear_ag`: the
 bench's sampler, schedule and scale, prompts and noise of their own seeds) with a chosen number of
 paths and window, then samples the bench's own prompts and noise with policies that estimate the
 uncond on chosen steps, and scores them as the bench's rows (adherence, paired bootstrap difference
@@ -26,9 +26,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from paired_bench import paired_bench  # noqa: E402  (puts the project on the path)
 
-from fastguidance.bench_methods import BenchVariant, calibrate_linear_ag  # noqa: E402
+from fastguidance.research.bench_methods import BenchVariant, calibrate_linear_ag  # noqa: E402
 from fastguidance.engine import Action  # noqa: E402
-from fastguidance.policies.linear_ag import LinearAG  # noqa: E402
+from fastguidance.linear_ag import LinearAG  # noqa: E402
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,7 +1,7 @@
 """The bench's own set-up, for research scripts that compare rows with its CFG row, paired over prompts.
 
 ``benchmarks/agd_ablation.py`` and ``benchmarks/linear_ag_40.py`` sample the bench's prompts with its
-noise, schedule and classifier (``fastguidance.bench``), score each variant against CFG's scores on the
+noise, schedule and classifier (``fastguidance.research.bench``), score each variant against CFG's scores on the
 same prompts (cached beside the results: the CFG row is the slow part) and report the paired difference
 with the bench's bootstrap interval.
 """
@@ -17,11 +17,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fastguidance.bench import BenchSettings, _bootstrap_seed, bench_scenes, run_variant  # noqa: E402
-from fastguidance.bench_methods import BenchContext, BenchVariant  # noqa: E402
-from fastguidance.metrics import bootstrap_indices, bootstrap_means, percentile_interval  # noqa: E402
-from fastguidance.reference.classifier import adherence  # noqa: E402
-from fastguidance.reference.weights import CLASSIFIER_PATH, MODEL_PATH, load_classifier, load_model  # noqa: E402
+from fastguidance.research.bench import BenchSettings, _bootstrap_seed, bench_scenes, run_variant  # noqa: E402
+from fastguidance.research.bench_methods import BenchContext, BenchVariant  # noqa: E402
+from fastguidance.research.statistics import bootstrap_indices, bootstrap_means, percentile_interval  # noqa: E402
+from fastguidance.research.reference.classifier import adherence  # noqa: E402
+from fastguidance.research.reference.weights import CLASSIFIER_PATH, MODEL_PATH, load_classifier, load_model  # noqa: E402
 from fastguidance.schedules import make_sigmas  # noqa: E402
 
 

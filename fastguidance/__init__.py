@@ -2,12 +2,12 @@
 
 The engine (:mod:`fastguidance.engine`) runs policies (:mod:`fastguidance.policies`) that decide,
 per model call and sample, whether the uncond prediction is evaluated or estimated. The same
-engine serves the ComfyUI nodes (``nodes/``) and the small sampler of :mod:`fastguidance.sampling`.
+engine serves the ComfyUI nodes (``nodes/``) and the small sampler of :mod:`fastguidance.research.sampling`.
 """
 
 from .engine import Action, CallRecord, GuidancePolicy, GuidanceRun, RunSummary, StepContext, StepPlan, combine_actions
 from .errors import FastGuidanceError, InvalidInputError
-from .policies import AdaptiveGuidance
+from .adaptive_guidance import AdaptiveGuidance
 
 __version__ = "0.1.0"
 

@@ -1,13 +1,13 @@
 """Command line: ``python -m fastguidance bench [options]`` (see ``--help``).
 
 Every option is checked before any sampling; a refusal is one line naming the option and the fix
-(:mod:`fastguidance.cli`), never a traceback.
+(:mod:`fastguidance.research.cli`), never a traceback.
 """
 
 from __future__ import annotations
 
-from . import bench
-from .cli import CommandLineParser, run_refusing_in_one_line
+from .research import bench
+from .research.cli import CommandLineParser, run_refusing_in_one_line
 
 PROG = "python -m fastguidance"
 

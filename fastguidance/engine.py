@@ -292,7 +292,7 @@ class GuidanceRun:
     """The state of one sampling run: schedule, per-policy state, guidance cache and records.
 
     Create one per sampling run (ComfyUI: in the pack's ``OUTER_SAMPLE`` wrapper; core sampler: per
-    call of :func:`fastguidance.sampling.sample`). Nothing of a run outlives it.
+    call of :func:`fastguidance.research.sampling.sample`). Nothing of a run outlives it.
     """
 
     def __init__(self, policies: Sequence[GuidancePolicy], sigmas: torch.Tensor | Sequence[float],

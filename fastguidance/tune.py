@@ -30,7 +30,8 @@ from .engine import GuidancePolicy
 from .errors import InvalidInputError
 from .validation import is_finite_number, require_number
 from .metrics import ssim
-from .policies import AdaptiveGuidance, CompressGuidance
+from .adaptive_guidance import AdaptiveGuidance
+from .compress_guidance import CompressGuidance
 
 #: the methods the tuner searches, in the order they are tried
 TUNABLE_METHODS = ("ag", "compg", "linear_ag")
@@ -79,7 +80,7 @@ def compress_guidance_method(steps: int) -> TuneMethod:
 def linear_ag_method(coefficients: Any, points: int = 24) -> TuneMethod:
     """LinearAG's ``error_bound`` policy (estimate the calls whose held-out error is at most the bound),
     from 0.02 up to 3.0, evenly spaced in log."""
-    from .policies.linear_ag import LinearAG
+    from .linear_ag import LinearAG
 
     fixed = {"mode": "error_bound"}
     candidates = tuple(round(0.02 * (150.0 ** (i / (points - 1))), 4) for i in range(points))
@@ -257,7 +258,7 @@ def policy_from_settings(method: str, settings: dict[str, Any], linear_ag_coeffi
     if method == "compg":
         return CompressGuidance(**{**settings, "guided_steps": int(settings.get("guided_steps", 0))})
     if method == "linear_ag":
-        from .policies.linear_ag import LinearAG
+        from .linear_ag import LinearAG
         if linear_ag_coefficients is None:
             raise InvalidInputError("linear_ag", "no calibration", "a LinearAG preset needs its calibration file")
         return LinearAG(linear_ag_coefficients, **settings)
@@ -293,7 +294,7 @@ def save_preset(path: Any, result: TuneResult, made_for: dict[str, Any], overwri
 def load_preset(path: Any) -> dict[str, Any]:
     """Read a preset's metadata; :class:`~fastguidance.errors.TensorFileError` says what is wrong."""
     from .errors import TensorFileError
-    from .policies.linear_ag import validate_linear_ag
+    from .linear_ag import validate_linear_ag
     from .tensorfile import interpreting, load_tensor_file
 
     _, metadata = load_tensor_file(path, PRESET_FORMAT, PRESET_VERSION)

@@ -30,10 +30,10 @@ import comfy.model_patcher
 import comfy.patcher_extension
 import torch
 
-from ..fastguidance.adapter_training import recomputed_in_backward
-from ..fastguidance.adapters import GuidanceAdapters, adapter_row_scale, prompt_vector
+from ..fastguidance.guidance_adapters.training import recomputed_in_backward
+from ..fastguidance.guidance_adapters.adapters import GuidanceAdapters, adapter_row_scale, prompt_vector
 from ..fastguidance.errors import InvalidInputError
-from ..fastguidance.policies import AdapterGuidance
+from ..fastguidance.guidance_adapters.policy import AdapterGuidance
 from .engine_patch import install_policy
 from .model_identity import model_architecture
 
@@ -265,7 +265,7 @@ def bind_adapters(adapters: GuidanceAdapters, omega: float | torch.Tensor, sigma
 
     Nothing crosses between host and device here when the inputs are on the adapters' device (the
     host's case): ω is filled on the device, ``row_scale`` is a number or a tensor already there
-    (:func:`~fastguidance.adapters.adapter_row_scale`); the ``to(device)`` calls are no-ops then.
+    (:func:`~fastguidance.guidance_adapters.adapters.adapter_row_scale`); the ``to(device)`` calls are no-ops then.
     """
     device = next(adapters.parameters()).device
     omega_rows = omega.to(device).float() if torch.is_tensor(omega) else torch.full((sigma.shape[0],), float(omega), device=device)
@@ -334,7 +334,7 @@ def trainable_weights(module: torch.nn.Module) -> Iterator[int]:
 
 def block_checkpointing():
     """What ``CHECKPOINT_KEY`` holds while training with gradient checkpointing: a DiT block run by
-    :func:`~fastguidance.adapter_training.recomputed_in_backward`, recomputed under the same copies of saved
+    :func:`~fastguidance.guidance_adapters.training.recomputed_in_backward`, recomputed under the same copies of saved
     activations as the forward pass (:func:`saved_activations_copied`: the host's blocks update in place)."""
     return lambda run, args: recomputed_in_backward(run, args, saved_activations_copied)
 

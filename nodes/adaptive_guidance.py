@@ -5,8 +5,8 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..fastguidance.guidance import COSINE_SPACES
-from ..fastguidance.policies.adaptive import (AFTER_CUTOFF_MODES, CONVERGENCE_OFF, MAX_THRESHOLD, PAPER_SETTINGS,
-                                               AdaptiveGuidance, validate_window)
+from ..fastguidance.adaptive_guidance import (AFTER_CUTOFF_MODES, CONVERGENCE_OFF, MAX_THRESHOLD, PAPER_SETTINGS,
+                                              AdaptiveGuidance, validate_window)
 from .engine_patch import cfg_guider, guider_inputs, install_policy
 from .validation import CrossRule, check_inputs, validate
 

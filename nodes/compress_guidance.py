@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..fastguidance.policies.compress import COMPRESS_MODES, MAX_SKEW, CompressGuidance, validate_compress_guidance
+from ..fastguidance.compress_guidance import COMPRESS_MODES, MAX_SKEW, CompressGuidance, validate_compress_guidance
 from .engine_patch import cfg_guider, guider_inputs, install_policy
 from .validation import CrossRule, check_inputs, validate
 

@@ -18,15 +18,17 @@ import comfy.utils
 import torch
 from comfy_api.latest import io
 
-from ..fastguidance.adapter_training import (DistillationTrainer, TrainingSettings, TrajectoryStore, format_bytes,
-                                             require_room_for_trajectories, train_on_store, trajectory_bytes)
-from ..fastguidance.adapters import ADAPTER_KINDS, AdapterSpec, GuidanceAdapters, load_adapters, save_adapters
+from ..fastguidance.guidance_adapters.training import (DistillationTrainer, TrainingSettings, TrajectoryStore,
+                                                       format_bytes, require_room_for_trajectories, train_on_store,
+                                                       trajectory_bytes)
+from ..fastguidance.guidance_adapters.adapters import (ADAPTER_KINDS, AdapterSpec, GuidanceAdapters, load_adapters,
+                                                       save_adapters)
 from ..fastguidance.errors import FastGuidanceError, InvalidInputError
 from ..fastguidance.guidance import noise_of
 from . import model_folders, page_messages
-from .adapter_patch import (BOUND_KEY, CHECKPOINT_KEY, attach, block_checkpointing, attach_points, bind_adapters, differentiable_attention, has_adapters,
-                            host_training_mode, install_adapters, is_dit, saved_activations_copied, trainable_weights,
-                            warn_outside_range)
+from .adapter_patch import (BOUND_KEY, CHECKPOINT_KEY, attach, block_checkpointing, attach_points, bind_adapters,
+                            differentiable_attention, has_adapters, host_training_mode, install_adapters, is_dit,
+                            saved_activations_copied, trainable_weights, warn_outside_range)
 from .trainers import curve_image, prompt_lines
 from .validation import FILE_NAME, CrossRule, FileInput, check_inputs, validate
 from .model_identity import model_architecture, model_fingerprint, require_same_model
@@ -476,7 +478,7 @@ def _train(model, spec: AdapterSpec, settings: TrainingSettings, store: Trajecto
     """Distil the stored trajectories into new adapters; checkpoints on interruption and every tenth of the run.
 
     ``gradient_checkpointing``: DiT blocks recompute their activations in the backward pass
-    (:func:`~fastguidance.adapter_training.recomputed_in_backward` through ``CHECKPOINT_KEY``); UNets ignore it."""
+    (:func:`~fastguidance.guidance_adapters.training.recomputed_in_backward` through ``CHECKPOINT_KEY``); UNets ignore it."""
     # the whole model on the device and everything else (text encoder, VAE) off it, as the host's own trainer does
     comfy.model_management.load_models_gpu([model], memory_required=1e20, force_full_load=True)
     device = model.load_device

@@ -14,9 +14,8 @@ import comfy.utils
 from comfy_api.latest import io
 
 from ..fastguidance.errors import FastGuidanceError, InvalidInputError
-from ..fastguidance.policies.linear_ag import (MAX_WINDOW, POLICY_MODES, LinearAG, LinearAGCalibration,
-                                               LinearAGCoefficients, validate_linear_ag,
-                                               validate_linear_ag_calibration)
+from ..fastguidance.linear_ag import (MAX_WINDOW, POLICY_MODES, LinearAG, LinearAGCalibration, LinearAGCoefficients,
+                                      validate_linear_ag, validate_linear_ag_calibration)
 from . import model_folders, page_messages
 from .engine_patch import install_policy
 from .validation import FILE_NAME, CrossRule, FileInput, check_inputs, validate

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from ..fastguidance.errors import InvalidInputError
-from ..fastguidance.report import quality_plot
+from ..fastguidance.charts import quality_plot
 
 
 def prompt_lines(prompts: str) -> list[str]:

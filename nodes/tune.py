@@ -24,8 +24,8 @@ from comfy_api.latest import io, ui
 
 from ..fastguidance.engine import GuidanceRun
 from ..fastguidance.errors import FastGuidanceError, InvalidInputError
-from ..fastguidance.policies.linear_ag import LinearAG, LinearAGCoefficients, ScheduleMismatchError
-from ..fastguidance.report import tradeoff_chart
+from ..fastguidance.linear_ag import LinearAG, LinearAGCoefficients, ScheduleMismatchError
+from ..fastguidance.charts import tradeoff_chart
 from ..fastguidance.tune import (DEFAULT_TARGET, MAX_TARGET, MIN_TARGET, TuneResult, adaptive_guidance_method,
                                  bisection_trials, compress_guidance_method, linear_ag_method, load_preset,
                                  policy_from_settings, preset_mismatch, save_preset, tune)

@@ -6,14 +6,15 @@ import dataclasses
 import pytest
 import torch
 
-from fastguidance.adapters import (AdapterSpec, CrossAttentionAdapter, FourierFeatures, GuidanceAdapters, OffsetAdapter,
-                                   cfg_target, distillation_loss, prompt_vector)
-from fastguidance.adapter_training import (DistillationTrainer, TrainingSettings, TrajectoryStore, recomputed_in_backward,
-                                           train_on_store, trajectory_bytes)
+from fastguidance.guidance_adapters.adapters import (AdapterSpec, CrossAttentionAdapter, FourierFeatures,
+                                                     GuidanceAdapters, OffsetAdapter, cfg_target, distillation_loss,
+                                                     prompt_vector)
+from fastguidance.guidance_adapters.training import (DistillationTrainer, TrainingSettings, TrajectoryStore,
+                                                     recomputed_in_backward, train_on_store, trajectory_bytes)
 from fastguidance.errors import FastGuidanceError, InvalidInputError
-from fastguidance.reference.adapters import (adapter_spec, attach_points, collect_trajectories, single_pass_noise,
-                                             train_adapters)
-from fastguidance.reference.weights import load_model
+from fastguidance.research.reference.adapters import (adapter_spec, attach_points, collect_trajectories,
+                                                      single_pass_noise, train_adapters)
+from fastguidance.research.reference.weights import load_model
 
 
 @pytest.fixture(scope="module")

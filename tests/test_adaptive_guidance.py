@@ -5,8 +5,8 @@ import torch
 
 from fastguidance.engine import Action, GuidanceRun
 from fastguidance.errors import InvalidInputError
-from fastguidance.policies import AdaptiveGuidance
-from fastguidance.sampling import sample
+from fastguidance.adaptive_guidance import AdaptiveGuidance
+from fastguidance.research.sampling import sample
 from fastguidance.schedules import DiscreteVPSchedule, make_sigmas
 from toy_models import GaussianModel, ScriptedCosineModel
 

@@ -1,4 +1,4 @@
-"""The fixed-window baselines (fastguidance.policies.window): which steps they guide, what they cost,
+"""The fixed-window baselines (fastguidance.research.windows): which steps they guide, what they cost,
 parity with plain CFG and with no guidance at their extremes."""
 
 import pytest
@@ -6,9 +6,9 @@ import torch
 
 from fastguidance.engine import Action
 from fastguidance.errors import InvalidInputError
-from fastguidance.policies import CFGWindow, GuidanceInterval
-from fastguidance.policies.window import window_fraction_for, window_guided_steps
-from fastguidance.sampling import sample
+from fastguidance.research.windows import CFGWindow, GuidanceInterval
+from fastguidance.research.windows import window_fraction_for, window_guided_steps
+from fastguidance.research.sampling import sample
 from fastguidance.schedules import DiscreteVPSchedule, make_sigmas
 from toy_models import ScriptedCosineModel
 

@@ -7,9 +7,9 @@ import pytest
 from PIL import Image
 
 from fastguidance.__main__ import main
-from fastguidance.bench import (BenchSettings, Progress, matched_window_steps, method_names, progress_line,
-                                run_bench, verdict)
-from fastguidance.bench_methods import all_variants
+from fastguidance.research.bench import (BenchSettings, Progress, matched_window_steps, method_names, progress_line,
+                                         run_bench, verdict)
+from fastguidance.research.bench_methods import all_variants
 
 REQUIRED = {"method", "settings", "model_evals", "steps", "seconds", "speedup_vs_cfg", "ssim_to_cfg", "psnr_to_cfg",
             "adherence", "frechet", "window", "vs_window", "vs_cfg"}
@@ -108,7 +108,7 @@ class _Stop(Exception):
 
 
 def test_a_small_sample_gets_a_third_held_out_and_argparse_errors_are_one_line(tmp_path, capsys, monkeypatch):
-    import fastguidance.bench as bench
+    import fastguidance.research.bench as bench
 
     seen = {}
 
@@ -160,7 +160,7 @@ def test_progress_line_shows_elapsed_and_what_is_left():
 
 
 def test_defaults_only_keeps_the_references_defaults_interval_and_combinations():
-    from fastguidance.bench import selected_variants
+    from fastguidance.research.bench import selected_variants
 
     labels = [variant.label for variant in selected_variants((), defaults_only=True)]
     assert labels[:2] == ["none", "cfg"] and "cfg scale=2.0" not in labels
@@ -190,18 +190,18 @@ def test_matched_window_and_verdict():
     (["adapters", "--seed", "-1"], "--seed"), (["adapters"], "--out"),  # the shipped file exists, no --overwrite
 ])
 def test_training_commands_refuse_bad_options_in_one_line(tmp_path, capsys, monkeypatch, arguments, option):
-    from fastguidance.reference import train
+    from fastguidance.research.reference import train
 
     monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("a model was loaded before the options were checked"))
     with pytest.raises(SystemExit) as exit_status:
         train.main(arguments)
     assert exit_status.value.code == 2
     error = capsys.readouterr().err
-    assert error.count("\n") == 1 and error.startswith(f"python -m fastguidance.reference.train: error: {option} = ")
+    assert error.count("\n") == 1 and error.startswith(f"python -m fastguidance.research.reference.train: error: {option} = ")
 
 
 def test_training_commands_check_the_output_file_up_front(tmp_path, capsys, monkeypatch):
-    from fastguidance.reference import train
+    from fastguidance.research.reference import train
 
     monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("a model was loaded before the options were checked"))
     blocker = tmp_path / "a_file"

@@ -4,9 +4,10 @@ import torch
 from fastguidance.engine import Action, GuidanceRun
 from fastguidance.errors import InvalidInputError
 from fastguidance.guidance import cfg_combine
-from fastguidance.policies import COMPRESS_MODES, AdaptiveGuidance, CompressGuidance
-from fastguidance.policies.compress import MAX_SKEW, compression_weights, guided_step_count, guided_step_indices
-from fastguidance.sampling import sample
+from fastguidance.compress_guidance import COMPRESS_MODES, CompressGuidance
+from fastguidance.adaptive_guidance import AdaptiveGuidance
+from fastguidance.compress_guidance import MAX_SKEW, compression_weights, guided_step_count, guided_step_indices
+from fastguidance.research.sampling import sample
 from fastguidance.schedules import DiscreteVPSchedule, make_sigmas
 from toy_models import GaussianModel, ScriptedCosineModel
 

@@ -9,10 +9,10 @@ threshold 0.9995 is −1.2 on 96 prompts and −2.7 on the first 48).
 import pytest
 import torch
 
-from fastguidance.bench import BenchSettings, bench_scenes, run_variant
-from fastguidance.bench_methods import BenchContext, all_variants
-from fastguidance.reference.classifier import adherence
-from fastguidance.reference.weights import CLASSIFIER_PATH, MODEL_PATH, load_classifier, load_model
+from fastguidance.research.bench import BenchSettings, bench_scenes, run_variant
+from fastguidance.research.bench_methods import BenchContext, all_variants
+from fastguidance.research.reference.classifier import adherence
+from fastguidance.research.reference.weights import CLASSIFIER_PATH, MODEL_PATH, load_classifier, load_model
 from fastguidance.schedules import make_sigmas
 
 #: the issue's tolerance: adherence at a method's defaults may be at most this far below CFG's

@@ -187,7 +187,7 @@ def test_evaluations_per_sample_count_each_samples_actions():
 
 
 def test_adapter_guidance_overrides_every_other_action_and_costs_one_evaluation_per_call():
-    from fastguidance.policies import AdapterGuidance
+    from fastguidance.guidance_adapters.policy import AdapterGuidance
 
     x, cond, uncond = tensors()
     run = GuidanceRun([Scripted({0: Action.FULL, 1: Action.REUSE, 2: Action.COND_ONLY}), AdapterGuidance(None)],

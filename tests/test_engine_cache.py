@@ -5,8 +5,8 @@ CFG (GuidancePolicy.may_skip_uncond), where a host leaves the cache's calls exac
 import torch
 
 from fastguidance.engine import Action, GuidancePolicy, GuidanceRun
-from fastguidance.policies.adaptive import AdaptiveGuidance
-from fastguidance.policies.compress import CompressGuidance
+from fastguidance.adaptive_guidance import AdaptiveGuidance
+from fastguidance.compress_guidance import CompressGuidance
 
 SIGMAS = [10.0, 5.0, 2.0, 1.0, 0.0]
 

@@ -11,7 +11,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import engine_memory  # noqa: E402
-from fastguidance.policies import AdaptiveGuidance, CompressGuidance  # noqa: E402
+from fastguidance.adaptive_guidance import AdaptiveGuidance  # noqa: E402
+from fastguidance.compress_guidance import CompressGuidance
 
 SHAPE = (16, 3, 12, 16)  # a small video latent: channels, frames, height, width
 SIGMAS = torch.linspace(1.0, 0.0, 7)

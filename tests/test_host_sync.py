@@ -22,11 +22,13 @@ from typing import Callable
 import pytest
 import torch
 
-from fastguidance import sampling
-from fastguidance.adapters import AdapterSpec, GuidanceAdapters, adapter_row_scale
+from fastguidance.research import sampling
+from fastguidance.guidance_adapters.adapters import AdapterSpec, GuidanceAdapters, adapter_row_scale
 from fastguidance.engine import Action, GuidanceRun
-from fastguidance.policies import AdapterGuidance, AdaptiveGuidance, CompressGuidance
-from fastguidance.policies.linear_ag import LinearAG, LinearAGCalibration
+from fastguidance.guidance_adapters.policy import AdapterGuidance
+from fastguidance.adaptive_guidance import AdaptiveGuidance
+from fastguidance.compress_guidance import CompressGuidance
+from fastguidance.linear_ag import LinearAG, LinearAGCalibration
 from fastguidance.schedules import DiscreteVPSchedule, make_sigmas
 from host_traffic import CallTraffic, TrafficCounter, count_host_reads, summary
 from toy_models import GaussianModel, ScriptedCosineModel

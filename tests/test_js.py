@@ -58,7 +58,7 @@ def test_legacy_values_of_saved_workflows_are_the_paper_rule_the_nodes_ran_befor
     convergence condition: the page (js/legacy_inputs.js) and the nodes' execute defaults agree."""
     import re
 
-    from fastguidance.policies.adaptive import CONVERGENCE_OFF, PAPER_SETTINGS
+    from fastguidance.adaptive_guidance import CONVERGENCE_OFF, PAPER_SETTINGS
 
     text = (PROJECT_ROOT / "js" / "legacy_inputs.js").read_text(encoding="utf-8")
     entries = re.findall(r'(FastGuidance_\w+): Object\.freeze\(\{ cosine_space: "(\w+)", convergence: ([\d.]+) \}\)', text)

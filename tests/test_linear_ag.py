@@ -7,10 +7,10 @@ import torch
 
 from fastguidance.engine import Action, GuidanceRun
 from fastguidance.errors import FastGuidanceError, InvalidInputError, TensorFileError
-from fastguidance.policies import AdaptiveGuidance
-from fastguidance.policies.linear_ag import (LinearAG, LinearAGCalibration, LinearAGCoefficients,
-                                             ScheduleMismatchError, regressor_names)
-from fastguidance.sampling import sample
+from fastguidance.adaptive_guidance import AdaptiveGuidance
+from fastguidance.linear_ag import (LinearAG, LinearAGCalibration, LinearAGCoefficients, ScheduleMismatchError,
+                                    regressor_names)
+from fastguidance.research.sampling import sample
 from fastguidance.schedules import DiscreteVPSchedule, make_sigmas
 
 SCHEDULE = DiscreteVPSchedule()

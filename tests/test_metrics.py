@@ -9,10 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from fastguidance.errors import InvalidInputError
-from fastguidance.metrics import (
-    PSNR_CAP_DB, FrechetBootstrap, basic_interval, bootstrap_indices, bootstrap_means, compare_images, format_psnr, frechet_distance,
-    mean_psnr, pair_batches, percentile_interval, prompts_to_resolve, psnr, ssim,
-)
+from fastguidance.metrics import PSNR_CAP_DB, compare_images, format_psnr, mean_psnr, pair_batches, psnr, ssim
+from fastguidance.research.statistics import (FrechetBootstrap, basic_interval, bootstrap_indices, bootstrap_means,
+                                              frechet_distance, percentile_interval, prompts_to_resolve)
 
 
 def images(batch=2, channels=3, size=24, seed=0) -> torch.Tensor:

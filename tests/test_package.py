@@ -3,6 +3,7 @@
 import ast
 import importlib.util
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -42,6 +43,51 @@ def test_core_never_reaches_out_of_its_package():
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.level > depth + 1:
                 raise AssertionError(f"{path}: relative import leaves the core package")
+
+
+RESEARCH = "fastguidance.research"
+
+
+def runtime_files() -> list[Path]:
+    """What ComfyUI can import: the glue and the core outside its research package."""
+    core = [path for path in (ROOT / "fastguidance").rglob("*.py")
+            if (ROOT / "fastguidance" / "research") not in path.parents and path.name != "__main__.py"]
+    return sorted((ROOT / "nodes").glob("*.py")) + [ROOT / "__init__.py"] + sorted(core)
+
+
+def imported_pack_modules(path: Path) -> set[str]:
+    """Every pack module ``path`` imports (at any depth of its code), as ``fastguidance.…`` / ``nodes.…``."""
+    package = list(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package[:len(package) - node.level + 1]
+            module = ".".join(base + ([node.module] if node.module else []))
+            found.update(f"{module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fastguidance"):
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name.startswith("fastguidance"))
+    return found
+
+
+def test_what_comfyui_imports_never_reaches_the_research_code():
+    offenders = {str(path.relative_to(ROOT)): sorted(name for name in imported_pack_modules(path)
+                                                    if name == RESEARCH or name.startswith(RESEARCH + "."))
+                 for path in runtime_files()}
+    assert {path: names for path, names in offenders.items() if names} == {}, \
+        "the runtime (nodes/ and the core outside fastguidance/research/) must not import the research code"
+
+
+def test_importing_the_runtime_core_loads_no_research_module():
+    modules = [".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+               for path in runtime_files() if path.parts[-2:] != ("main", "__init__.py")
+               and path.relative_to(ROOT).parts[0] == "fastguidance"]
+    script = ("import importlib, sys\n"
+              f"for name in {modules!r}: importlib.import_module(name)\n"
+              f"print(sorted(m for m in sys.modules if m.startswith({RESEARCH!r})))")
+    loaded = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert len(modules) >= 15 and loaded.stdout.strip() == "[]", loaded.stdout + loaded.stderr
 
 
 def test_root_init_imports_without_comfyui():

@@ -5,17 +5,17 @@ import pytest
 import torch
 
 from fastguidance.errors import InvalidInputError, TensorFileError
-from fastguidance.policies import AdaptiveGuidance
-from fastguidance.policies.adaptive import MAX_THRESHOLD
-from fastguidance.reference.classifier import adherence, attribute_accuracy
-from fastguidance.reference.model import (CrossAttentionBlock, ModelConfig, ReferenceModel, TextConditioning, coordinate_planes,
-                                         to_image)
-from fastguidance.reference.scenes import make_batch
-from fastguidance.reference.train import _loss_weights, diffusion_loss, train_model
-from fastguidance.reference.weights import (CLASSIFIER_PATH, FORMAT_VERSION, MODEL_FORMAT, MODEL_PATH, load_classifier, load_model,
-                                            save_classifier, save_model)
+from fastguidance.adaptive_guidance import AdaptiveGuidance
+from fastguidance.adaptive_guidance import MAX_THRESHOLD
+from fastguidance.research.reference.classifier import adherence, attribute_accuracy
+from fastguidance.research.reference.model import (CrossAttentionBlock, ModelConfig, ReferenceModel, TextConditioning,
+                                                   coordinate_planes, to_image)
+from fastguidance.research.reference.scenes import make_batch
+from fastguidance.research.reference.train import _loss_weights, diffusion_loss, train_model
+from fastguidance.research.reference.weights import (CLASSIFIER_PATH, FORMAT_VERSION, MODEL_FORMAT, MODEL_PATH,
+                                                     load_classifier, load_model, save_classifier, save_model)
 from fastguidance.tensorfile import load_tensor_file, save_tensor_file
-from fastguidance.sampling import sample
+from fastguidance.research.sampling import sample
 from fastguidance.schedules import make_sigmas
 
 
@@ -97,8 +97,8 @@ def test_cfg_beats_no_guidance_on_adherence(model, classifier, many_prompts, cfg
                                        "position give the same pictures from the same noise (README, The reference model)")
 def test_cfg_puts_shapes_where_the_prompt_says(model, classifier):
     """Named positions (chance level: 20%) should come out where the prompt puts them."""
-    from fastguidance.reference.classifier import predict
-    from fastguidance.reference.scenes import POSITIONS, parse_prompt
+    from fastguidance.research.reference.classifier import predict
+    from fastguidance.research.reference.scenes import POSITIONS, parse_prompt
 
     prompts = [f"a large {colour} {shape} {where}" for where in POSITIONS
                for colour, shape in (("red", "circle"), ("blue", "square"))]
@@ -293,9 +293,9 @@ def test_corrupt_and_foreign_files_are_refused(tmp_path, classifier):
 
 def test_shipped_predictor_and_adapters_were_trained_on_the_shipped_model(model):
     """Retraining the model makes the step predictor and adapters stale; the bench refuses them."""
-    from fastguidance.adapters import load_adapters
+    from fastguidance.guidance_adapters.adapters import load_adapters
     from fastguidance.fingerprint import weights_fingerprint
-    from fastguidance.reference.weights import ADAPTERS_PATH, STEP_PREDICTOR_PATH
+    from fastguidance.research.reference.weights import ADAPTERS_PATH, STEP_PREDICTOR_PATH
     from fastguidance.step_predictor import load_step_predictor
 
     fingerprint = weights_fingerprint(model.state_dict().items())
@@ -304,14 +304,14 @@ def test_shipped_predictor_and_adapters_were_trained_on_the_shipped_model(model)
 
 
 def test_bench_refuses_files_trained_on_another_model():
-    from fastguidance.bench_methods import BenchContext, require_trained_for
+    from fastguidance.research.bench_methods import BenchContext, require_trained_for
 
     from fastguidance.fingerprint import weights_fingerprint
 
     model = ReferenceModel(ModelConfig(width=8))
     context = BenchContext(model, settings=None, sigmas=torch.ones(2), uncond=None)
     require_trained_for(context, {"model_fingerprint": weights_fingerprint(model.state_dict().items())}, "a", "adapters")
-    with pytest.raises(TensorFileError, match="retrain it with `python -m fastguidance.reference.train adapters"):
+    with pytest.raises(TensorFileError, match="retrain it with `python -m fastguidance.research.reference.train adapters"):
         require_trained_for(context, {"model_fingerprint": "0123"}, "adapters.safetensors", "adapters")
     with pytest.raises(TensorFileError, match="no fingerprint"):
         require_trained_for(context, {}, "adapters.safetensors", "adapters")

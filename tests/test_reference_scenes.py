@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from fastguidance.errors import InvalidInputError
-from fastguidance.reference.model import Tokenizer
-from fastguidance.reference.scenes import (HELD_OUT_COMBINATIONS, HEADS, MAX_CAPTION_NOISE, make_batch, noisy_caption,
-                                           parse_prompt, random_scene, render, scene_labels)
+from fastguidance.research.reference.model import Tokenizer
+from fastguidance.research.reference.scenes import (HELD_OUT_COMBINATIONS, HEADS, MAX_CAPTION_NOISE, make_batch,
+                                                    noisy_caption, parse_prompt, random_scene, render, scene_labels)
 
 
 def test_generator_is_deterministic_by_seed():

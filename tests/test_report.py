@@ -10,8 +10,9 @@ from PIL import Image
 
 from fastguidance.errors import InvalidInputError
 from fastguidance.files import atomic_write, atomic_write_text
-from fastguidance.report import (METHOD_PALETTE, REFERENCE_COLOURS, bench_plot, image_grid, method_colours,
-                                 pareto_front, quality_plot)
+from fastguidance.research.report import (METHOD_PALETTE, REFERENCE_COLOURS, bench_plot, image_grid, method_colours,
+                                          pareto_front)
+from fastguidance.charts import quality_plot
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fastguidance.errors import InvalidInputError
-from fastguidance.sampling import SAMPLERS, sample
+from fastguidance.research.sampling import SAMPLERS, sample
 from fastguidance.schedules import DiscreteVPSchedule, make_sigmas
 from toy_models import GaussianModel
 

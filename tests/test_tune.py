@@ -7,8 +7,9 @@ import torch
 
 from fastguidance.engine import GuidancePolicy
 from fastguidance.errors import InvalidInputError, TensorFileError
-from fastguidance.policies import AdaptiveGuidance, CompressGuidance
-from fastguidance.sampling import sample
+from fastguidance.adaptive_guidance import AdaptiveGuidance
+from fastguidance.compress_guidance import CompressGuidance
+from fastguidance.research.sampling import sample
 from fastguidance.schedules import DiscreteVPSchedule, make_sigmas
 from fastguidance.tune import (PRESET_FORMAT, TuneMethod, adaptive_guidance_method, bisection_trials,
                                compress_guidance_method, fidelity, latents_as_images, load_preset,

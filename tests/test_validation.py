@@ -17,9 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from fastguidance.adapters import AdapterSpec, GuidanceAdapters, load_adapters, save_adapters
+from fastguidance.guidance_adapters.adapters import AdapterSpec, GuidanceAdapters, load_adapters, save_adapters
 from fastguidance.errors import FastGuidanceError, InvalidInputError, TensorFileError
-from fastguidance.policies.linear_ag import LinearAGCoefficients, regressor_names
+from fastguidance.linear_ag import LinearAGCoefficients, regressor_names
 from fastguidance.step_predictor import StepPredictor, load_step_predictor, save_step_predictor
 from fastguidance.tensorfile import METADATA_KEY, save_tensor_file
 from fastguidance.tune import PRESET_FORMAT, PRESET_VERSION, load_preset

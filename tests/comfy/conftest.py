@@ -123,7 +123,7 @@ def empty_pack_folder(tmp_path, monkeypatch, name: str):
 
 
 def pack_module(host: Host, name: str) -> types.ModuleType:
-    """A module of the pack as ComfyUI loaded it (``"fastguidance.adapters"``, ``"nodes.adapter_patch"``)."""
+    """A module of the pack as ComfyUI loaded it (``"fastguidance.guidance_adapters.adapters"``, ``"nodes.adapter_patch"``)."""
     return sys.modules[f"{host.pack.__name__}.{name}"]
 
 

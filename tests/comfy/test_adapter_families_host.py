@@ -111,7 +111,7 @@ def test_adapters_train_load_and_cost_one_evaluation_per_step(host, models, adap
     _, report = train(host, model, key, key)
     assert_adapters_trained(training_steps, flag_before)
     family = host_models.family(key)
-    adapters, metadata = pack_module(host, "fastguidance.adapters").load_adapters(adapter_folder / f"{key}.safetensors")
+    adapters, metadata = pack_module(host, "fastguidance.guidance_adapters.adapters").load_adapters(adapter_folder / f"{key}.safetensors")
     assert metadata["architecture"] == ARCHITECTURES[key] and dict(adapters.spec.attach_points) == ATTACH_POINTS[key]
     # what the sampler gets from the family's empty latent: 5-D for video models and for Qwen-Image (one frame)
     sampled = comfy.sample.fix_empty_latent_channels(model, host_models.family_latent(family)["samples"])
@@ -151,7 +151,7 @@ def test_gradient_checkpointing_trains_the_same_adapters_and_recomputes_every_bl
     """Same seed and data with and without gradient_checkpointing: the same loss curve and adapter weights (up to
     float summation order); with it, every block whose input needs a gradient (all but the first) runs once more
     per training step (its recomputation in the backward pass), and sampling with the files is unchanged."""
-    trainer_core = pack_module(host, "fastguidance.adapter_training")
+    trainer_core = pack_module(host, "fastguidance.guidance_adapters.training")
     original_step = trainer_core.DistillationTrainer.train_step
     losses: list[float] = []
     monkeypatch.setattr(trainer_core.DistillationTrainer, "train_step",
@@ -175,7 +175,7 @@ def test_gradient_checkpointing_trains_the_same_adapters_and_recomputes_every_bl
     plain, checkpointed = torch.tensor(curves[False]), torch.tensor(curves[True])
     assert len(plain) == train_steps and plain[0] != plain[-1]
     assert ((checkpointed - plain).abs() / plain.abs()).max().item() < 1e-4, (curves[False], curves[True])
-    adapters_module = pack_module(host, "fastguidance.adapters")
+    adapters_module = pack_module(host, "fastguidance.guidance_adapters.adapters")
     (plain_adapters, plain_meta), (checkpointed_adapters, checkpointed_meta) = (
         adapters_module.load_adapters(adapter_folder / f"{key}_{checkpointing}.safetensors")
         for checkpointing in (False, True))
@@ -193,7 +193,7 @@ def test_a_file_of_another_family_or_attach_point_set_is_refused_by_name(host, m
     with pytest.raises(Exception, match=r"adapter = 'wan\.safetensors'.*trained for a WAN21_T2V model and this model "
                                         r"is SD3"):
         load(host, models("sd3"), "wan.safetensors")
-    adapters_module = pack_module(host, "fastguidance.adapters")
+    adapters_module = pack_module(host, "fastguidance.guidance_adapters.adapters")
     adapters, metadata = adapters_module.load_adapters(adapter_folder / "wan.safetensors")
     fewer = adapters_module.GuidanceAdapters(adapters_module.AdapterSpec(
         **dict(adapters.spec.to_dict(), attach_points={"double_block.0": 64})))
@@ -218,7 +218,7 @@ def test_wan22_two_model_workflow_has_one_file_per_model_each_refused_on_the_oth
     half = STEPS // 2
     train(host, high, "wan22_a14b", "wan22_high", end_at_step=half)
     train(host, low, "wan22_a14b", "wan22_low", start_at_step=half, earlier_model=high)
-    adapters_module = pack_module(host, "fastguidance.adapters")
+    adapters_module = pack_module(host, "fastguidance.guidance_adapters.adapters")
     _, high_meta = adapters_module.load_adapters(adapter_folder / "wan22_high.safetensors")
     _, low_meta = adapters_module.load_adapters(adapter_folder / "wan22_low.safetensors")
     assert high_meta["recorded_steps"] == [0, half] and low_meta["recorded_steps"] == [half, STEPS]

@@ -336,7 +336,7 @@ PAPER_RULE_CUTS_AT_THE_FIRST_STEP = {"eps": False, "v_prediction": True, "flow":
 
 def test_the_papers_rule_says_in_the_log_when_it_cut_at_the_first_step(host, typed_model, runs, caplog):
     kind = typed_model[0]
-    paper = pack_module(host, "fastguidance.policies.adaptive").PAPER_SETTINGS
+    paper = pack_module(host, "fastguidance.adaptive_guidance").PAPER_SETTINGS
     assert paper == {"threshold": 0.991, **PAPER_RULE}
     with caplog.at_level(logging.WARNING, logger="fastguidance"):
         sample_typed(host, typed_model, patch(host, typed_model[1], **paper))

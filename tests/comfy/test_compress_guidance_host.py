@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import counted, ksampler, latent, node_defaults
-from fastguidance.policies.compress import compression_weights, guided_step_count, guided_step_indices
+from fastguidance.compress_guidance import compression_weights, guided_step_count, guided_step_indices
 
 STEPS = 12
 #: compression 4 over 12 steps: 3 guided steps, skew 2 puts them at the distinct values of floor(12·(j/3)²)
@@ -83,7 +83,7 @@ def test_ksampler_forward_passes_follow_the_schedule(host, tiny_model, conds, ru
 def test_weights_by_noise_level_span_use_the_sampled_sigmas(host, tiny_model, conds, runs, denoise):
     """The core's span weighting (not on the node) gets the sigmas KSampler samples, also the segment of denoise < 1."""
     positive, negative = conds
-    compress = sys.modules[host.pack.__name__ + ".fastguidance.policies.compress"]
+    compress = sys.modules[host.pack.__name__ + ".fastguidance.compress_guidance"]
     engine_patch = sys.modules[host.pack.__name__ + ".nodes.engine_patch"]
     policy = compress.CompressGuidance(compression=4.0, skew=2.0, mode="compress", weighting="sigma")
     ksampler(host, engine_patch.install_policy(tiny_model, policy, None), positive, negative, steps=STEPS,

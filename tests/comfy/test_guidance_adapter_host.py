@@ -45,7 +45,7 @@ def training_steps(host, monkeypatch):
     training flag (``comfy.model_management.in_training``; None where the host has none, as 0.3.64)."""
     import comfy.model_management
 
-    trainer_core = pack_module(host, "fastguidance.adapter_training")
+    trainer_core = pack_module(host, "fastguidance.guidance_adapters.training")
     original_step = trainer_core.DistillationTrainer.train_step
     steps = []
 
@@ -112,7 +112,7 @@ def test_training_writes_a_file_with_its_metadata_and_a_loss_curve(host, tiny_mo
     path, curve, report = trained
     assert curve.ndim == 4 and curve.shape[0] == 1 and curve.shape[-1] == 3
     assert "tiny.safetensors" in report and "attach points" in report and "final loss" in report
-    adapters, metadata = pack_module(host, "fastguidance.adapters").load_adapters(path)
+    adapters, metadata = pack_module(host, "fastguidance.guidance_adapters.adapters").load_adapters(path)
     assert metadata["architecture"] == "SD15" and metadata["omega_range"] == [1.0, 8.0]
     assert metadata["trajectory_examples"] == 2 * 3 and metadata["train_steps"] == 6
     assert len(metadata["loss_every_50"]) == 1 and metadata["final_loss"] > 0
@@ -152,7 +152,7 @@ def test_trainer_validates_its_inputs(host):
 def test_an_interrupted_training_keeps_a_checkpoint_and_resumes_from_it(host, tiny_model, adapter_folder, monkeypatch):
     import comfy.model_management
 
-    trainer_core = pack_module(host, "fastguidance.adapter_training")
+    trainer_core = pack_module(host, "fastguidance.guidance_adapters.training")
     original_step = trainer_core.DistillationTrainer.train_step
 
     def interrupt_at_step_4(self, loss_of):
@@ -175,7 +175,7 @@ def test_an_interrupted_training_keeps_a_checkpoint_and_resumes_from_it(host, ti
                         lambda self, loss_of: steps_run.append(self.step) or original_step(self, loss_of))
     train(host, tiny_model)
     assert steps_run == [4, 5] and not checkpoint.exists()
-    _, metadata = pack_module(host, "fastguidance.adapters").load_adapters(adapter_folder / "tiny.safetensors")
+    _, metadata = pack_module(host, "fastguidance.guidance_adapters.adapters").load_adapters(adapter_folder / "tiny.safetensors")
     assert len(json.loads(json.dumps(metadata["loss_every_50"]))) == 1
 
 
@@ -229,7 +229,7 @@ def test_adapter_weights_live_in_their_own_model_patcher_shared_by_clones(host, 
     model = load(host, tiny_model)
     weights = model.model_patches_models()
     assert len(weights) == 1 and isinstance(weights[0], comfy.model_patcher.ModelPatcher)
-    assert isinstance(weights[0].model, pack_module(host, "fastguidance.adapters").GuidanceAdapters)
+    assert isinstance(weights[0].model, pack_module(host, "fastguidance.guidance_adapters.adapters").GuidanceAdapters)
     assert model.clone().model_patches_models()[0] is weights[0]  # cloning does not copy the adapters
     with pytest.raises(Exception, match="already has guidance adapters"):
         load(host, model)
@@ -237,7 +237,7 @@ def test_adapter_weights_live_in_their_own_model_patcher_shared_by_clones(host, 
 
 def test_adapters_of_another_model_or_architecture_are_refused(host, tiny_model, trained, caplog):
     path = trained[0]
-    adapters_module = pack_module(host, "fastguidance.adapters")
+    adapters_module = pack_module(host, "fastguidance.guidance_adapters.adapters")
     adapters, metadata = adapters_module.load_adapters(path)
     other = host_models.patcher(host_models.tiny_model(seed=5))
     with pytest.raises(Exception, match="trained on another SD15 model.*allow_other_model"):
@@ -278,7 +278,7 @@ def test_a_flux_dit_trains_and_runs_with_adapters_after_its_double_blocks(host, 
     flag_before = host_training_flag()
     train(host, flux_model, FluxClip(), kind="offset", scheduler="simple")
     assert_adapters_trained(training_steps, flag_before)
-    adapters, metadata = pack_module(host, "fastguidance.adapters").load_adapters(adapter_folder / "tiny.safetensors")
+    adapters, metadata = pack_module(host, "fastguidance.guidance_adapters.adapters").load_adapters(adapter_folder / "tiny.safetensors")
     assert metadata["architecture"] == "Flux" and adapters.spec.pooled_dim == 16 and adapters.spec.kind == "offset"
     clip = FluxClip()
     positive, negative = clip.encode_from_tokens_scheduled("a red cube"), clip.encode_from_tokens_scheduled("")

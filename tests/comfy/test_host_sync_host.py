@@ -57,7 +57,7 @@ def traffic(host, monkeypatch):
 
 
 def random_adapters(host, model):
-    adapters_core = pack_module(host, "fastguidance.adapters")
+    adapters_core = pack_module(host, "fastguidance.guidance_adapters.adapters")
     adapter_patch = pack_module(host, "nodes.adapter_patch")
     torch.manual_seed(0)
     spec = adapters_core.AdapterSpec(adapter_patch.attach_points(model), text_dim=64, pooled_dim=0, hidden=16,
@@ -66,7 +66,8 @@ def random_adapters(host, model):
 
 
 def methods(host, model):
-    policies = pack_module(host, "fastguidance.policies")
+    adaptive = pack_module(host, "fastguidance.adaptive_guidance")
+    compress = pack_module(host, "fastguidance.compress_guidance")
     engine_patch = pack_module(host, "nodes.engine_patch")
     adapter_patch = pack_module(host, "nodes.adapter_patch")
 
@@ -76,13 +77,13 @@ def methods(host, model):
             result = engine_patch.install_policy(result, policy, None)
         return result
 
-    ag = policies.AdaptiveGuidance(threshold=0.95, cosine_space="noise", convergence=1.0)
+    ag = adaptive.AdaptiveGuidance(threshold=0.95, cosine_space="noise", convergence=1.0)
     return {
         "ag": (patched(ag), 1),
-        "ag reuse": (patched(policies.AdaptiveGuidance(threshold=0.95, cosine_space="noise", convergence=1.0,
+        "ag reuse": (patched(adaptive.AdaptiveGuidance(threshold=0.95, cosine_space="noise", convergence=1.0,
                                                        after_cutoff="reuse")), 1),
-        "compg compress": (patched(policies.CompressGuidance(compression=3.0)), 1),
-        "ag + compg reuse": (patched(ag, policies.CompressGuidance(compression=2.0, mode="reuse")), 1),
+        "compg compress": (patched(compress.CompressGuidance(compression=3.0)), 1),
+        "ag + compg reuse": (patched(ag, compress.CompressGuidance(compression=2.0, mode="reuse")), 1),
         "adapters strength 0.5": (adapter_patch.install_adapters(model, random_adapters(host, model), 5.0, 0.5, None,
                                                                  None), 0),
         "adapters strength 1, sampler cfg": (adapter_patch.install_adapters(model, random_adapters(host, model), None,

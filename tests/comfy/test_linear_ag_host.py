@@ -37,7 +37,7 @@ def calibrated(host, tiny_model, linear_ag_folder):
 
 def test_calibration_writes_a_file_with_its_metadata_and_reports_the_error(host, calibrated):
     path, report = calibrated
-    table = sys.modules[host.pack.__name__ + ".fastguidance.policies.linear_ag"].LinearAGCoefficients.load(path)
+    table = sys.modules[host.pack.__name__ + ".fastguidance.linear_ag"].LinearAGCoefficients.load(path)
     assert table.steps == STEPS and len(table.call_sigmas) == STEPS
     assert table.info["sampler"] == "euler" and table.info["scheduler"] == "normal"
     assert table.info["paths"] == 8 and table.info["held_out_paths"] == 2

@@ -39,9 +39,9 @@ from typing import Any, Sequence
 
 import torch
 
-from ..engine import Action, GuidancePolicy, GuidanceRun, StepContext
-from ..errors import FastGuidanceError, InvalidInputError, TensorFileError
-from ..tensorfile import interpreting, load_tensor_file, save_tensor_file
+from .engine import Action, GuidancePolicy, GuidanceRun, StepContext
+from .errors import FastGuidanceError, InvalidInputError, TensorFileError
+from .tensorfile import interpreting, load_tensor_file, save_tensor_file
 
 FORMAT = "fastguidance.linear_ag"
 FORMAT_VERSION = 1

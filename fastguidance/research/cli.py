@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, NoReturn
 
-from .errors import FastGuidanceError, InvalidInputError
+from ..errors import FastGuidanceError, InvalidInputError
 
 
 class CommandLineParser(argparse.ArgumentParser):

@@ -1,6 +1,6 @@
 """What the benchmark runs: one list of method variants, each a name, its settings and its policies.
 
-The benchmark's loop (:mod:`fastguidance.bench`) never names a method. A method joins the
+The benchmark's loop (:mod:`fastguidance.research.bench`) never names a method. A method joins the
 benchmark by adding a factory to :data:`VARIANT_FACTORIES`; combinations are variants whose
 ``method`` joins the parts with ``+`` (``ag+compg``) and whose policies are the parts' policies
 (the engine's combination rule decides).
@@ -15,17 +15,19 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .engine import GuidancePolicy
-from .errors import TensorFileError
-from .fingerprint import weights_fingerprint
-from .policies import AdaptiveGuidance, CFGWindow, CompressGuidance, GuidanceInterval
-from .policies.adaptive import PAPER_SETTINGS
-from .policies.linear_ag import LinearAG, LinearAGCalibration, LinearAGCoefficients
+from ..engine import GuidancePolicy
+from ..errors import TensorFileError
+from ..fingerprint import weights_fingerprint
+from ..adaptive_guidance import AdaptiveGuidance
+from .windows import CFGWindow, GuidanceInterval
+from ..compress_guidance import CompressGuidance
+from ..adaptive_guidance import PAPER_SETTINGS
+from ..linear_ag import LinearAG, LinearAGCalibration, LinearAGCoefficients
 from .reference.model import ReferenceModel, TextConditioning
 from .reference.scenes import random_scene
 from .sampling import sample
-from .step_predictor import conditioning_features, load_step_predictor
-from .schedules import make_sigmas
+from ..step_predictor import conditioning_features, load_step_predictor
+from ..schedules import make_sigmas
 
 
 @dataclass
@@ -38,7 +40,7 @@ class BenchContext:
     """
 
     model: ReferenceModel
-    settings: Any  # fastguidance.bench.BenchSettings
+    settings: Any  # fastguidance.research.bench.BenchSettings
     sigmas: torch.Tensor
     uncond: TextConditioning
     preparation_seconds: dict[str, float] = field(default_factory=dict)
@@ -72,7 +74,7 @@ def require_trained_for(context: BenchContext, metadata: dict[str, Any], path: A
     if made_for != model_fingerprint:
         trained_on = f"another reference model (fingerprint {made_for})" if made_for else "an unknown model (no fingerprint)"
         raise TensorFileError(f"{path} was trained on {trained_on}, not on this one ({model_fingerprint}): retrain it with "
-                              f"`python -m fastguidance.reference.train {what} --overwrite`, or run only the methods "
+                              f"`python -m fastguidance.research.reference.train {what} --overwrite`, or run only the methods "
                               f"that do not need it (--methods lists the methods to run)")
 
 
@@ -119,7 +121,7 @@ def baseline_variants() -> list[BenchVariant]:
 def window_variant(fraction: float) -> BenchVariant:
     """The fixed CFG window (:class:`~fastguidance.policies.CFGWindow`): guided for the first
     ``fraction`` of the steps, cond only after. The benchmark adds one per evaluation count its
-    other rows reached (:func:`fastguidance.policies.window.window_fraction_for`), after running them."""
+    other rows reached (:func:`fastguidance.research.windows.window_fraction_for`), after running them."""
     return BenchVariant("cfg_window", {"fraction": round(fraction, 4)}, lambda _: [CFGWindow(fraction)])
 
 
@@ -298,7 +300,7 @@ def adadiff_combination_variants() -> list[BenchVariant]:
 def adapted_model(context: BenchContext) -> Any:
     """The reference model with the shipped AGD adapters, CFG at the benchmark's scale built in."""
     def load():
-        from .adapters import load_adapters
+        from ..guidance_adapters.adapters import load_adapters
         from .reference.adapters import SinglePassModel
         from .reference.weights import ADAPTERS_PATH
         adapters, metadata = load_adapters(ADAPTERS_PATH)
@@ -324,7 +326,7 @@ def tuned(context: BenchContext, method: str, target: float) -> Any:
     """:func:`fastguidance.tune.tune` for one method on :data:`TUNE_PROMPTS` prompts of their own
     (none of the benchmark's images), with the benchmark's sampler, schedule and scale; once."""
     from .reference.model import to_image
-    from .tune import adaptive_guidance_method, compress_guidance_method, linear_ag_method, tune
+    from ..tune import adaptive_guidance_method, compress_guidance_method, linear_ag_method, tune
 
     def run() -> Any:
         settings, model = context.settings, context.model

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import InvalidInputError
+from ...errors import InvalidInputError
 
 IMAGE_SIZE = 32
 COLOURS = {

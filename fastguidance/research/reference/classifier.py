@@ -2,7 +2,7 @@
 
 It is the "off-sampling" classifier of the Compress Guidance paper (Dinh et al., seed ``002_…``,
 §5): trained on the scene generator only, never used for guidance. It reads an image and predicts
-every attribute head of :data:`fastguidance.reference.scenes.HEADS`; the **adherence** of an image
+every attribute head of :data:`fastguidance.research.reference.scenes.HEADS`; the **adherence** of an image
 to its prompt is the share of the prompt's named attributes it predicts right
 (:func:`adherence`). Its penultimate features give a Fréchet distance between generated and real
 images (the FID recipe of Heusel et al. 2017 with this network in place of Inception).

@@ -35,10 +35,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..engine import Action, CallRecord, GuidancePolicy, GuidanceRun, StepContext
-from ..errors import InvalidInputError
-from ..validation import require_number
-from ..guidance import COSINE_SPACES
+from .engine import Action, CallRecord, GuidancePolicy, GuidanceRun, StepContext
+from .errors import InvalidInputError
+from .validation import require_number
+from .guidance import COSINE_SPACES
 
 AFTER_CUTOFF_MODES = ("cond_only", "reuse")
 #: cosines never exceed 1, so a threshold above it disables the cutoff (parity with plain CFG)

@@ -49,8 +49,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from ..engine import Action, GuidancePolicy, GuidanceRun, StepContext
-from ..errors import InvalidInputError
+from .engine import Action, GuidancePolicy, GuidanceRun, StepContext
+from .errors import InvalidInputError
 
 COMPRESS_MODES = ("reuse", "compress")
 MAX_SKEW = 8.0

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 from .adapters import GuidanceAdapters, distillation_loss
-from .errors import FastGuidanceError, InvalidInputError
-from .tensorfile import load_tensor_file, save_tensor_file
+from ..errors import FastGuidanceError, InvalidInputError
+from ..tensorfile import load_tensor_file, save_tensor_file
 
 CHECKPOINT_FORMAT = "fastguidance.adapter_checkpoint"
 CHECKPOINT_VERSION = 1
@@ -314,7 +314,7 @@ def train_on_store(trainer: DistillationTrainer, store: TrajectoryStore,
     """Train until ``trainer.done``: ``predict(x, σ, ω, prompt) → prediction`` comparable with the stored target.
 
     ``checkpoint(trainer)`` is called every ``checkpoint_every`` steps (0: never) and by the caller
-    on interruption. The loss is :func:`fastguidance.adapters.distillation_loss`.
+    on interruption. The loss is :func:`fastguidance.guidance_adapters.adapters.distillation_loss`.
     """
     if len(store) == 0:
         raise FastGuidanceError("no trajectory steps were collected: nothing to train on")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..tensorfile import load_tensor_file, save_tensor_file
+from ...tensorfile import load_tensor_file, save_tensor_file
 from .classifier import SceneClassifier
 from .model import ModelConfig, ReferenceModel
 
@@ -18,7 +18,7 @@ ADAPTERS_PATH = WEIGHTS_DIR / "guidance_adapters.safetensors"
 MODEL_FORMAT = "fastguidance.reference_model"
 CLASSIFIER_FORMAT = "fastguidance.adherence_classifier"
 FORMAT_VERSION = 1
-MISSING_HINT = "train it with `python -m fastguidance.reference.train`"
+MISSING_HINT = "train it with `python -m fastguidance.research.reference.train`"
 
 
 def save_model(model: ReferenceModel, info: dict, path: Path = MODEL_PATH, overwrite: bool = False) -> None:

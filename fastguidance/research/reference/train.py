@@ -1,9 +1,9 @@
 """Training of the reference model and of the adherence classifier, reproducible from a seed.
 
-    python -m fastguidance.reference.train classifier   # a few minutes on 2 CPU cores
-    python -m fastguidance.reference.train model        # about 50 min on 2 CPU cores
-    python -m fastguidance.reference.train step_predictor   # AdaDiff's predictor for the model, minutes
-    python -m fastguidance.reference.train adapters         # AGD adapters for the model, minutes
+    python -m fastguidance.research.reference.train classifier   # a few minutes on 2 CPU cores
+    python -m fastguidance.research.reference.train model        # about 50 min on 2 CPU cores
+    python -m fastguidance.research.reference.train step_predictor   # AdaDiff's predictor for the model, minutes
+    python -m fastguidance.research.reference.train adapters         # AGD adapters for the model, minutes
 
 Data is drawn fresh at every step from the scene generator (training combinations only; the
 held-out colour–shape pairs are never seen by the diffusion model). Files are written atomically,
@@ -26,15 +26,16 @@ import torch
 from .classifier import SceneClassifier, attribute_accuracy, classifier_loss, label_tensors
 from .model import ModelConfig, ReferenceModel, from_image, to_image
 from ..cli import CommandLineParser, require_writable_file, run_refusing_in_one_line
-from ..errors import InvalidInputError
-from ..validation import portable_file_name, require_number
-from ..fingerprint import weights_fingerprint
-from ..metrics import ssim
+from ...errors import InvalidInputError
+from ...validation import portable_file_name, require_number
+from ...fingerprint import weights_fingerprint
+from ...metrics import ssim
 from ..sampling import sample
-from ..schedules import make_sigmas
-from ..step_predictor import StepPredictor, conditioning_features, save_step_predictor, train_step_policy
+from ...schedules import make_sigmas
+from ...step_predictor import StepPredictor, conditioning_features, save_step_predictor, train_step_policy
 from .scenes import MAX_CAPTION_NOISE, check_caption_noise, make_batch, noisy_caption, random_scene
-from .weights import ADAPTERS_PATH, CLASSIFIER_PATH, MODEL_PATH, STEP_PREDICTOR_PATH, load_model, save_classifier, save_model
+from .weights import (ADAPTERS_PATH, CLASSIFIER_PATH, MODEL_PATH, STEP_PREDICTOR_PATH, load_model, save_classifier,
+                      save_model)
 
 log = logging.getLogger("fastguidance")
 
@@ -254,7 +255,7 @@ def train_reference_step_predictor(model: ReferenceModel, options=REFERENCE_STEP
 #: the default training steps and batch of each command (``--steps`` / ``--batch`` left out)
 DEFAULT_STEPS = {"classifier": 1200, "model": 4000, "step_predictor": 120, "adapters": 600}
 DEFAULT_BATCH = {"classifier": 96, "model": 64, "step_predictor": 32, "adapters": 64}
-PROG = "python -m fastguidance.reference.train"
+PROG = "python -m fastguidance.research.reference.train"
 
 
 def check_options(options: argparse.Namespace) -> None:
@@ -326,7 +327,7 @@ def _train(options: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if options.what == "adapters":
-        from ..adapters import save_adapters
+        from ...guidance_adapters.adapters import save_adapters
         from .adapters import train_reference_adapters
 
         out = options.out or ADAPTERS_PATH

@@ -2,7 +2,7 @@
 
 The reference model's cross-attention outputs pass through ``options["attn2_output"]`` patches, the
 same kind of attach point as the host UNet's ``attn2_output_patch``; the adapters of
-:mod:`fastguidance.adapters` attach there. Training data are **CFG-guided trajectories** (the paper's
+:mod:`fastguidance.guidance_adapters.adapters` attach there. Training data are **CFG-guided trajectories** (the paper's
 key point): every step of a CFG sampling run at a random ``ω`` records the input, the noise level,
 the prompt, ``ω`` and the CFG noise prediction, the target of the single adapted pass.
 """
@@ -15,9 +15,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..adapter_training import DistillationTrainer, TrainingSettings
-from ..adapters import AdapterSpec, GuidanceAdapters, cfg_target, distillation_loss
-from ..schedules import make_sigmas
+from ...guidance_adapters.training import DistillationTrainer, TrainingSettings
+from ...guidance_adapters.adapters import AdapterSpec, GuidanceAdapters, cfg_target, distillation_loss
+from ...schedules import make_sigmas
 from .model import CrossAttentionBlock, ReferenceModel, TextConditioning
 
 
@@ -117,7 +117,7 @@ def train_reference_adapters(model: ReferenceModel, prompts: int = 128, trajecto
     """Collect CFG-guided trajectories of training prompts and distil them into adapters."""
     import time
 
-    from ..fingerprint import weights_fingerprint
+    from ...fingerprint import weights_fingerprint
 
     began = time.perf_counter()
     torch.manual_seed(seed)

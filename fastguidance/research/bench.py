@@ -39,20 +39,21 @@ import torch
 
 from .bench_methods import WINDOW_METHOD, BenchContext, BenchVariant, all_variants, window_variant
 from .cli import require_writable_file, require_writable_folder
-from .errors import InvalidInputError
-from .validation import require_number
-from .files import atomic_write_text
-from .metrics import (FrechetBootstrap, basic_interval, bootstrap_indices, bootstrap_means, frechet_distance,
-                      mean_psnr, percentile_interval, prompts_to_resolve, psnr, ssim)
-from .policies.window import window_fraction_for, window_guided_steps
+from ..errors import InvalidInputError
+from ..validation import require_number
+from ..files import atomic_write_text
+from .statistics import (FrechetBootstrap, basic_interval, bootstrap_indices, bootstrap_means, frechet_distance,
+                         percentile_interval, prompts_to_resolve)
+from ..metrics import mean_psnr, psnr, ssim
+from .windows import window_fraction_for, window_guided_steps
 from .reference.classifier import SceneClassifier, adherence
 from .reference.model import ReferenceModel, TextConditioning, to_image
 from .reference.scenes import Scene, random_scene, render
 from .reference.weights import CLASSIFIER_PATH, MODEL_PATH, load_classifier, load_model
 from .report import bench_plot, image_grid
 from .sampling import SAMPLERS, sample
-from .step_predictor import complexity_correlation
-from .schedules import SCHEDULERS, make_sigmas
+from ..step_predictor import complexity_correlation
+from ..schedules import SCHEDULERS, make_sigmas
 
 
 @dataclass(frozen=True)

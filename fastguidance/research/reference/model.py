@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import InvalidInputError
-from ..schedules import DiscreteVPSchedule
+from ...errors import InvalidInputError
+from ...schedules import DiscreteVPSchedule
 from .scenes import COLOURS, COUNTS, POSITIONS, RELATIONS, SHAPES, SIZES
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
@@ -269,7 +269,7 @@ class ReferenceModel(nn.Module):
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, conds: Sequence[TextConditioning],
                 options: dict[str, Any] | None = None) -> list[torch.Tensor]:
-        """The :class:`fastguidance.sampling.ConditionalModel` protocol: one ``x̂0`` per conditioning,
+        """The :class:`fastguidance.research.sampling.ConditionalModel` protocol: one ``x̂0`` per conditioning,
         all conditionings evaluated in one batched forward pass."""
         batch = x.shape[0]
         text = TextConditioning.cat([cond.expand(batch) for cond in conds])

@@ -32,9 +32,9 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from .errors import InvalidInputError, TensorFileError
-from .tensorfile import interpreting, load_tensor_file, module_from_file, save_tensor_file
-from .validation import is_finite_number
+from ..errors import InvalidInputError, TensorFileError
+from ..tensorfile import interpreting, load_tensor_file, module_from_file, save_tensor_file
+from ..validation import is_finite_number
 
 ADAPTER_KINDS = ("cross_attention", "offset")
 FORMAT = "fastguidance.adapters"

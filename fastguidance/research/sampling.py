@@ -22,9 +22,9 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
-from .engine import GuidancePolicy, GuidanceRun
-from .errors import InvalidInputError
-from .guidance import cfg_combine
+from ..engine import GuidancePolicy, GuidanceRun
+from ..errors import InvalidInputError
+from ..guidance import cfg_combine
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
