@@ -112,7 +112,8 @@ def test_requirements_never_list_torch_and_agree_with_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert sorted(project["project"]["dependencies"]) == requirements
     assert "tool" in project and "comfy" in project["tool"]
-    assert project["project"]["requires-comfyui"].startswith(">=")
+    assert project["tool"]["comfy"]["requires-comfyui"].startswith(">=")
+    assert "requires-comfyui" not in project["project"], "one place: [tool.comfy], where the registry reads it"
 
 
 def node_ids() -> set[str]:
