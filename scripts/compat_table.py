@@ -1,17 +1,17 @@
-"""The README's compatibility table, generated from the real-host family tests so that it cannot drift.
+"""The compatibility table (docs/compatibility.md), generated from the real-host family tests so that it cannot drift.
 
 ``tests/comfy/test_families_host.py`` runs Adaptive Guidance, Compress Guidance and LinearAG on a tiny model
 of every family in ``tests/comfy/host_models.FAMILIES``, as a patch (KSampler) and as a guider
 (SamplerCustomAdvanced), on each supported host. This script turns the JUnit reports of those runs into
-``tests/comfy/families_results.json`` (committed) and that file into the README's table; the CI test
-``tests/test_compat_table.py`` checks that the README's table is what the committed results give and that
+``tests/comfy/families_results.json`` (committed) and that file into that table; the CI test
+``tests/test_compat_table.py`` checks that the table is what the committed results give and that
 the results cover every family, method and path on both hosts.
 
     # on each host (COMFYUI_PATH and that host's Python; see COMFYUI.md §6):
     python -m pytest -m comfy tests/comfy/test_families_host.py --junitxml=/tmp/families-HOST.xml
     python scripts/compat_table.py record /tmp/families-0.33.0.xml /tmp/families-0.3.64.xml
-    python scripts/compat_table.py write      # rewrites the README's table
-    python scripts/compat_table.py check      # exit 1 when the README's table is out of date
+    python scripts/compat_table.py write      # rewrites the table in docs/compatibility.md
+    python scripts/compat_table.py check      # exit 1 when that table is out of date
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "tests" / "comfy"))
 import host_models  # noqa: E402  (the family registry: names, usual workflows)
 
 RESULTS = ROOT / "tests" / "comfy" / "families_results.json"
-README = ROOT / "README.md"
+TABLE_FILE = ROOT / "docs" / "compatibility.md"
 BEGIN, END = "<!-- compat-table:begin (scripts/compat_table.py) -->", "<!-- compat-table:end -->"
 #: the hosts the pack is tested on: ComfyUI version → commit
 HOSTS = {"0.33.0": "783545f6", "0.3.64": "a125cd84"}
@@ -148,14 +148,14 @@ def main(argv: list[str]) -> int:
         print(f"{RESULTS.name} lacks {len(missing)} cases (rerun the family tests), e.g. {missing[:3]}", file=sys.stderr)
         return 1
     table = render(results)
-    text = README.read_text()
+    text = TABLE_FILE.read_text()
     if command == "write":
         start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
-        README.write_text(text[:start] + "\n" + table + "\n" + text[end:])
+        TABLE_FILE.write_text(text[:start] + "\n" + table + "\n" + text[end:])
         return 0
     if command == "check":
         if readme_table(text) != table:
-            print("README.md's compatibility table is out of date: run python scripts/compat_table.py write",
+            print("docs/compatibility.md's table is out of date: run python scripts/compat_table.py write",
                   file=sys.stderr)
             return 1
         return 0

@@ -93,8 +93,8 @@ def test_output_and_readme_are_checked_before_sampling(tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("no markers here")
     for arguments, message in [(["--out", str(blocker / "sub")], "--out = "), (["--out", str(blocker)], "it is a file"),
-                               (["--update-readme", str(blocker)], "markers"),
-                               (["--update-readme", str(tmp_path / "missing.md")], "no such file")]:
+                               (["--update-table", str(blocker)], "markers"),
+                               (["--update-table", str(tmp_path / "missing.md")], "no such file")]:
         with pytest.raises(SystemExit) as exit_status:
             main(["bench", "--out", str(tmp_path / "out"), *arguments])
         assert exit_status.value.code == 2

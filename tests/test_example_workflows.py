@@ -135,11 +135,21 @@ def test_fastguidance_nodes_used_and_defined_agree():
     assert not unused, f"no example workflow uses {sorted(unused)}"
 
 
-def test_every_workflow_has_a_readme_screenshot():
-    """The README shows each example workflow after a browser-test run (tests/browser/readme_images.py)."""
-    readme = (PROJECT_ROOT / "README.md").read_text(encoding="utf-8")
+def test_every_workflow_has_a_screenshot_in_the_docs():
+    """docs/workflows.md shows each example workflow after a browser-test run (tests/browser/readme_images.py)."""
+    page = (PROJECT_ROOT / "docs" / "workflows.md").read_text(encoding="utf-8")
     for path in WORKFLOWS:
-        image = f"docs/images/workflows/{path.stem}.png"
-        assert (PROJECT_ROOT / image).is_file(), f"{image} is missing: run the browser test with FASTGUIDANCE_SCREENSHOTS"
-        assert image in readme, f"the README does not show {image}"
-        assert f"`{path.stem}`" in readme, f"the README's workflow table does not list {path.stem}"
+        image = f"images/workflows/{path.stem}.png"
+        assert (PROJECT_ROOT / "docs" / image).is_file(), f"{image} is missing: run the browser test with FASTGUIDANCE_SCREENSHOTS"
+        assert f"({image})" in page, f"docs/workflows.md does not show {image}"
+        assert f"`{path.stem}`" in page, f"docs/workflows.md's table does not list {path.stem}"
+
+
+def test_every_picture_the_readme_shows_exists():
+    readme = (PROJECT_ROOT / "README.md").read_text(encoding="utf-8")
+    shown = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", readme) + re.findall(r'<img src="([^"]+)"', readme)
+    assert any(path.startswith("example_workflows/") for path in shown), "the README's quick start shows no workflow"
+    for path in shown:
+        assert (PROJECT_ROOT / path).is_file(), f"the README shows {path}, which does not exist"
+        if path.startswith("example_workflows/"):
+            assert f"`{Path(path).stem}`" in readme, f"the README shows {path} without naming its workflow"

@@ -7,7 +7,7 @@ same seed (kornia), adherence (the independent classifier's share of the prompt'
 in the image) and a Fréchet distance to real renders of the same prompts (classifier features).
 
 **Baselines at matched cost.** After the methods have run, the bench samples the fixed CFG window
-(:class:`~fastguidance.policies.CFGWindow`: guided for the first ``f`` of the steps, cond only
+(:class:`~fastguidance.research.windows.CFGWindow`: guided for the first ``f`` of the steps, cond only
 after) at every evaluation count the rows reached (``f = (E − N)/N``, ``E`` rounded), and compares
 each row with the window of its own cost. Rows cheaper than ``N`` evaluations (or dearer than
 ``2N``) have no window at the bench's step count.
@@ -444,7 +444,7 @@ def _interval(interval: list[float] | None, signed: bool = False, marked: bool =
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """The rows as a Markdown table (also used for the README). Adherence and its differences are in
+    """The rows as a Markdown table (also used for docs/benchmarks.md). Adherence and its differences are in
     points (percent); ``*`` marks a difference whose 95% interval excludes zero. The Fréchet
     distance is shown with its difference to CFG: its own interval (``frechet_ci95`` in bench.json,
     a basic bootstrap interval) is one for the distance at unlimited prompts, which the 96-prompt
@@ -524,8 +524,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="of which used for the Fréchet distance's interval (one eigensolve per row and resample)")
     parser.add_argument("--out", type=Path, default=Path("bench_out"),
                         help="output folder (created; checked writable before sampling)")
-    parser.add_argument("--update-readme", type=Path, metavar="README",
-                        help="also replace the table between the bench markers of this file (checked before sampling)")
+    parser.add_argument("--update-table", type=Path, metavar="FILE",
+                        help="also replace the table between the bench markers of this Markdown file, for example "
+                             "docs/benchmarks.md (checked before sampling)")
 
 
 #: option → (lowest, highest, fix) of the numeric options; checked before any sampling
@@ -557,12 +558,12 @@ def settings_from_options(options: argparse.Namespace) -> BenchSettings:
     if unknown:
         raise InvalidInputError("--methods", ",".join(unknown), f"use names from: {', '.join(method_names())}")
     require_writable_folder("--out", options.out)
-    if options.update_readme is not None:
-        require_writable_file("--update-readme", options.update_readme, must_exist=True)
-        text = options.update_readme.read_text(encoding="utf-8", errors="replace")
-        if README_START not in text or README_END not in text:
-            raise InvalidInputError("--update-readme", str(options.update_readme),
-                                    f"the file has no {README_START} … {README_END} markers; add them where the table goes")
+    if options.update_table is not None:
+        require_writable_file("--update-table", options.update_table, must_exist=True)
+        text = options.update_table.read_text(encoding="utf-8", errors="replace")
+        if TABLE_START not in text or TABLE_END not in text:
+            raise InvalidInputError("--update-table", str(options.update_table),
+                                    f"the file has no {TABLE_START} … {TABLE_END} markers; add them where the table goes")
     return BenchSettings(options.steps, options.samples, held_out, options.scale, options.seed, options.sampler,
                          options.scheduler, options.batch, methods, options.defaults_only, options.resamples,
                          options.frechet_resamples)
@@ -574,11 +575,11 @@ def main(options: argparse.Namespace) -> None:
     result = run_bench(settings, options.out)
     sys.stdout.write(format_table(result) + "\n" + resolution_text(result) + preparation_text(result))
     sys.stdout.write(f"wrote {options.out / 'bench.json'}, {options.out / 'grid.png'}, {options.out / 'plot.png'}\n")
-    if options.update_readme:
-        update_readme(options.update_readme, result, command=" ".join(["python -m fastguidance bench"] + sys.argv[2:]))
+    if options.update_table:
+        update_table(options.update_table, result, command=" ".join(["python -m fastguidance bench"] + sys.argv[2:]))
 
 
-README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+TABLE_START, TABLE_END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
 def preparation_text(result: dict[str, Any]) -> str:
@@ -588,16 +589,16 @@ def preparation_text(result: dict[str, Any]) -> str:
                    for name, seconds in preparations.items())
 
 
-def update_readme(path: Path, result: dict[str, Any], command: str) -> None:
+def update_table(path: Path, result: dict[str, Any], command: str) -> None:
     """Replace the text between the bench markers of ``path`` by the command and the table."""
     text = path.read_text()
-    if README_START not in text or README_END not in text:
-        raise InvalidInputError("--update-readme", str(path), f"the file has no {README_START} … {README_END} markers")
-    before, rest = text.split(README_START, 1)
-    after = rest.split(README_END, 1)[1]
+    if TABLE_START not in text or TABLE_END not in text:
+        raise InvalidInputError("--update-table", str(path), f"the file has no {TABLE_START} … {TABLE_END} markers")
+    before, rest = text.split(TABLE_START, 1)
+    after = rest.split(TABLE_END, 1)[1]
     settings = result["settings"]
-    block = (f"{README_START}\n`{command}` ({settings['samples']} prompts of which {settings['held_out']} held out, "
+    block = (f"{TABLE_START}\n`{command}` ({settings['samples']} prompts of which {settings['held_out']} held out, "
              f"{settings['steps']} steps {settings['sampler']}/{settings['scheduler']}, cfg {settings['scale']}, "
              f"{settings['threads']} CPU threads):\n\n{format_table(result)}\n{resolution_text(result)}"
-             f"{preparation_text(result)}{README_END}")
+             f"{preparation_text(result)}{TABLE_END}")
     atomic_write_text(path, before + block + after)

@@ -119,7 +119,7 @@ def baseline_variants() -> list[BenchVariant]:
 
 
 def window_variant(fraction: float) -> BenchVariant:
-    """The fixed CFG window (:class:`~fastguidance.policies.CFGWindow`): guided for the first
+    """The fixed CFG window (:class:`~fastguidance.research.windows.CFGWindow`): guided for the first
     ``fraction`` of the steps, cond only after. The benchmark adds one per evaluation count its
     other rows reached (:func:`fastguidance.research.windows.window_fraction_for`), after running them."""
     return BenchVariant("cfg_window", {"fraction": round(fraction, 4)}, lambda _: [CFGWindow(fraction)])

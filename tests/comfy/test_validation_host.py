@@ -170,15 +170,15 @@ SHARED_TABLES = {"FastGuidance_AdaptiveGuider": "FastGuidance_AdaptiveGuidance",
 
 
 def test_the_readme_states_every_enforced_range(host):
-    """Each node's README table (and so its help page) gives every number input the range the pack enforces,
+    """Each node's table in docs/nodes.md (and so its help page) gives every number input the range the pack enforces,
     written as the pack's messages write it ("0–1.0001")."""
     from pathlib import Path
 
     validation = pack_module(host, "fastguidance.validation")
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    readme = (Path(__file__).resolve().parents[2] / "docs" / "nodes.md").read_text(encoding="utf-8")
 
     def rows_of(node_id: str) -> dict[str, str]:
-        section = readme.split(f"`{node_id}`", 1)[1].split("\n### ", 1)[0]
+        section = readme.split(f"`{node_id}`", 1)[1].split("\n## ", 1)[0]
         rows = {}
         for line in section.splitlines():
             if line.startswith("| `"):
