@@ -279,19 +279,16 @@ def instrumented(pack: dict, clock: EngineClock, device: torch.device):
         originals["__init__"](self, *args, **kwargs)
         clock.runs.append(self)
 
-    def plan(self, sigma):
-        start = time.perf_counter()
-        try:
-            return originals["plan"](self, sigma)
-        finally:
-            clock.host.append(time.perf_counter() - start)
+    def timed(original, times: list):
+        def wrapper(self, *args):
+            start = time.perf_counter()
+            try:
+                return original(self, *args)
+            finally:
+                times.append(time.perf_counter() - start)
+        return wrapper
 
-    def read(self, sigma):
-        start = time.perf_counter()
-        try:
-            return originals["_read_host_values"](self, sigma)
-        finally:
-            clock.read.append(time.perf_counter() - start)
+    plan, read = timed(originals["plan"], clock.host), timed(originals["_read_host_values"], clock.read)
 
     def complete(self, plan, x, cond, uncond):
         begin = end = None

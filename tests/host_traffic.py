@@ -117,20 +117,20 @@ class TrafficCounter(TorchDispatchMode):
             self.current = None
 
     @contextlib.contextmanager
-    def counting(self):
-        self._enabled.append(True)
+    def _counting_set_to(self, enabled: bool):
+        self._enabled.append(enabled)
         try:
             yield
         finally:
             self._enabled.pop()
 
-    @contextlib.contextmanager
+    def counting(self):
+        """Count the traffic inside (nested in :meth:`paused`: counted again)."""
+        return self._counting_set_to(True)
+
     def paused(self):
-        self._enabled.append(False)
-        try:
-            yield
-        finally:
-            self._enabled.pop()
+        """Count nothing inside (the host's own work between the pack's calls)."""
+        return self._counting_set_to(False)
 
 
 def count_host_reads(counter: TrafficCounter, monkeypatch) -> None:

@@ -274,13 +274,6 @@ def adadiff_combination_variants() -> list[BenchVariant]:
         return BenchVariant(method, settings, make_policies, choose_steps=predicted_steps,
                             load_files=shipped_step_predictor, search=True, **options)
 
-    def tuned_policies(method, target):
-        def make(context: BenchContext) -> list[GuidancePolicy]:
-            result = tuned(context, method, target)
-            policy = result.policy_of(result.best[method])
-            return [] if policy is None else [policy]
-        return make
-
     variants = [at_adadiff_steps("adadiff+compg", {"rate": rate}, lambda _, rate=rate: [CompressGuidance(rate)])
                 for rate in (3.0, 4.0)]
     variants += [at_adadiff_steps("adadiff+ag", {"threshold": threshold},
@@ -357,15 +350,17 @@ def tuned(context: BenchContext, method: str, target: float) -> Any:
     return context.prepared(f"tune {method} to SSIM {target} ({TUNE_PROMPTS} prompts)", run)
 
 
+def tuned_policies(method: str, target: float):
+    """The policies of ``method`` at the setting FastGuidance Tune chose for ``target`` (none: plain CFG)."""
+    def make(context: BenchContext) -> list[GuidancePolicy]:
+        result = tuned(context, method, target)
+        policy = result.policy_of(result.best[method])
+        return [] if policy is None else [policy]
+    return make
+
+
 def tuned_variants() -> list[BenchVariant]:
     """Each tunable method at the setting FastGuidance Tune chose for each target (plain CFG where none met it)."""
-    def policies(method, target):
-        def make(context: BenchContext) -> list[GuidancePolicy]:
-            result = tuned(context, method, target)
-            policy = result.policy_of(result.best[method])
-            return [] if policy is None else [policy]
-        return make
-
     def extra(method, target):
         def describe(context: BenchContext) -> dict:
             result = tuned(context, method, target)
@@ -376,7 +371,7 @@ def tuned_variants() -> list[BenchVariant]:
                                "tuned_ssim_min": None if best is None else best.worst}}
         return describe
 
-    return [BenchVariant(method, {"tuned": target}, policies(method, target), tune_target=target,
+    return [BenchVariant(method, {"tuned": target}, tuned_policies(method, target), tune_target=target,
                          extra=extra(method, target))
             for target in TUNE_TARGETS for method in ("ag", "compg", "linear_ag")]
 
