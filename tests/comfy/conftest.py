@@ -21,7 +21,7 @@ import host_models
 
 PACK_DIR = Path(__file__).resolve().parents[2]
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
-SKIP_REASON = "needs a ComfyUI checkout: set COMFYUI_PATH (see COMFYUI.md §6 and the README)"
+SKIP_REASON = "needs a ComfyUI checkout: set COMFYUI_PATH (docs/development.md, The two hosts)"
 
 
 def pytest_collection_modifyitems(config, items):
