@@ -1,17 +1,18 @@
-"""The compatibility table (docs/compatibility.md), generated from the real-host family tests so that it cannot drift.
+"""The compatibility tables, generated from the real-host family tests so that they cannot drift: the full one
+in docs/compatibility.md and the README's summary by family group.
 
 ``tests/comfy/test_families_host.py`` runs Adaptive Guidance, Compress Guidance and LinearAG on a tiny model
 of every family in ``tests/comfy/host_models.FAMILIES``, as a patch (KSampler) and as a guider
 (SamplerCustomAdvanced), on each supported host. This script turns the JUnit reports of those runs into
-``tests/comfy/families_results.json`` (committed) and that file into that table; the CI test
-``tests/test_compat_table.py`` checks that the table is what the committed results give and that
+``tests/comfy/families_results.json`` (committed) and that file into both tables; the CI test
+``tests/test_compat_table.py`` checks that the tables are what the committed results give and that
 the results cover every family, method and path on both hosts.
 
     # on each host (COMFYUI_PATH and that host's Python; see COMFYUI.md §6):
     python -m pytest -m comfy tests/comfy/test_families_host.py --junitxml=/tmp/families-HOST.xml
     python scripts/compat_table.py record /tmp/families-0.33.0.xml /tmp/families-0.3.64.xml
-    python scripts/compat_table.py write      # rewrites the table in docs/compatibility.md
-    python scripts/compat_table.py check      # exit 1 when that table is out of date
+    python scripts/compat_table.py write      # rewrites the tables in docs/compatibility.md and README.md
+    python scripts/compat_table.py check      # exit 1 when either is out of date
 """
 
 from __future__ import annotations
@@ -30,6 +31,25 @@ import host_models  # noqa: E402  (the family registry: names, usual workflows)
 RESULTS = ROOT / "tests" / "comfy" / "families_results.json"
 TABLE_FILE = ROOT / "docs" / "compatibility.md"
 BEGIN, END = "<!-- compat-table:begin (scripts/compat_table.py) -->", "<!-- compat-table:end -->"
+README = ROOT / "README.md"
+SUMMARY_BEGIN, SUMMARY_END = "<!-- family-summary:begin (scripts/compat_table.py) -->", "<!-- family-summary:end -->"
+#: the README's rows: families grouped as users name them (every family of the registry in one group), what
+#: guidance adapters do there (tests/comfy/test_adapter_families_host.py) and what a user should know (the
+#: adapter training estimates are docs/benchmarks.md's)
+SUMMARY_ROWS = [
+    ("SD 1.x, SDXL", ("sd15", "sdxl"), "✓",
+     "adapter training: SDXL at 1024² fits 24 GB at batch 1 (estimated)"),
+    ("SD3.x", ("sd3",), "✓", ""),
+    ("Flux (cfg > 1), Chroma", ("flux", "chroma"), "✓ Flux (double blocks); Chroma: same blocks, untested",
+     "Flux dev at cfg 1 has nothing to skip"),
+    ("Qwen-Image", ("qwen_image",), "✓",
+     "adapter training needs 80 GB, fp8 weights and `gradient_checkpointing` (estimated)"),
+    ("Wan 2.1, Wan 2.2 (A14B two models, 5B)", ("wan21", "wan22_a14b", "wan22_5b"), "✓",
+     "Wan 2.2: patch both models; one adapter file per model"),
+    ("HunyuanVideo 1.0 / 1.5, LTX-Video", ("hunyuan_video", "hunyuan_video_15", "ltxv"),
+     "HunyuanVideo: double blocks, untested; LTX-Video: refused", ""),
+    ("Lumina 2, Z-Image, HiDream", ("lumina2", "z_image", "hidream"), "refused, with the supported list", ""),
+]
 #: the hosts the pack is tested on: ComfyUI version → commit
 HOSTS = {"0.33.0": "783545f6", "0.3.64": "a125cd84"}
 METHODS = {"adaptive": "Adaptive Guidance", "compress": "Compress Guidance", "linear_ag": "LinearAG"}
@@ -132,9 +152,38 @@ def render(results: dict) -> str:
     return "\n".join(lines)
 
 
-def readme_table(text: str) -> str:
-    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
-    return text[start:end].strip("\n")
+def summary(results: dict) -> str:
+    """The README's table: per family group, whether the three methods passed every check on both hosts."""
+    families = {family.key: family for family in host_models.FAMILIES}
+    newest, oldest = list(HOSTS)
+    lines = ["| family | Adaptive Guidance, Compress Guidance, LinearAG | guidance adapters | notes |",
+             "| --- | --- | --- | --- |"]
+    for label, keys, adapters, note in SUMMARY_ROWS:
+        failed, newest_only = [], []
+        for key in keys:
+            outcomes = {host: [value for method in METHODS for path in PATHS
+                               for value in results["hosts"][host]["cases"][f"{key}-{method}-{path}"].values()]
+                        for host in HOSTS}
+            if any(value != "passed" for value in outcomes[newest]) or any(value == "failed" for value in outcomes[oldest]):
+                failed.append(families[key].name)
+            elif any(value != "passed" for value in outcomes[oldest]):
+                newest_only.append(families[key].name)
+        if failed:
+            cell = "✗ " + ", ".join(failed) + " (see docs/compatibility.md)"
+        else:
+            cell = "✓" + (f" ({', '.join(newest_only)} on {newest.rsplit('.', 1)[0]} only)" if newest_only else "")
+        lines.append(f"| {label} | {cell} | {adapters} | {note} |")
+    return "\n".join(lines)
+
+
+def between(text: str, begin: str, end: str) -> str:
+    start, stop = text.index(begin) + len(begin), text.index(end)
+    return text[start:stop].strip("\n")
+
+
+def replaced_between(text: str, begin: str, end: str, table: str) -> str:
+    start, stop = text.index(begin) + len(begin), text.index(end)
+    return text[:start] + "\n" + table + "\n" + text[stop:]
 
 
 def main(argv: list[str]) -> int:
@@ -147,18 +196,16 @@ def main(argv: list[str]) -> int:
     if missing:
         print(f"{RESULTS.name} lacks {len(missing)} cases (rerun the family tests), e.g. {missing[:3]}", file=sys.stderr)
         return 1
-    table = render(results)
-    text = TABLE_FILE.read_text()
+    files = {TABLE_FILE: (BEGIN, END, render(results)), README: (SUMMARY_BEGIN, SUMMARY_END, summary(results))}
     if command == "write":
-        start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
-        TABLE_FILE.write_text(text[:start] + "\n" + table + "\n" + text[end:])
+        for path, (begin, end, table) in files.items():
+            path.write_text(replaced_between(path.read_text(), begin, end, table))
         return 0
     if command == "check":
-        if readme_table(text) != table:
-            print("docs/compatibility.md's table is out of date: run python scripts/compat_table.py write",
-                  file=sys.stderr)
-            return 1
-        return 0
+        stale = [path.name for path, (begin, end, table) in files.items() if between(path.read_text(), begin, end) != table]
+        for name in stale:
+            print(f"{name}'s compatibility table is out of date: run python scripts/compat_table.py write", file=sys.stderr)
+        return 1 if stale else 0
     print(__doc__, file=sys.stderr)
     return 2
 

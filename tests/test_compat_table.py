@@ -22,10 +22,28 @@ def test_the_results_cover_every_family_method_and_path_on_both_hosts():
         assert host["commit"] == compat_table.HOSTS[version]
 
 
-def test_the_readme_table_is_generated_from_the_results():
-    text = compat_table.TABLE_FILE.read_text()
-    assert compat_table.readme_table(text) == compat_table.render(results()), \
+def test_the_tables_are_generated_from_the_results():
+    full = compat_table.between(compat_table.TABLE_FILE.read_text(), compat_table.BEGIN, compat_table.END)
+    assert full == compat_table.render(results()), \
         "docs/compatibility.md's table is out of date: python scripts/compat_table.py write"
+    summary = compat_table.between(compat_table.README.read_text(), compat_table.SUMMARY_BEGIN, compat_table.SUMMARY_END)
+    assert summary == compat_table.summary(results()), \
+        "README.md's family table is out of date: python scripts/compat_table.py write"
+
+
+def test_the_readme_summary_groups_every_family_once():
+    grouped = [key for _, keys, _, _ in compat_table.SUMMARY_ROWS for key in keys]
+    assert sorted(grouped) == sorted(family.key for family in compat_table.host_models.FAMILIES)
+
+
+def test_a_family_that_fails_or_exists_only_on_the_newest_host_is_named_in_the_summary():
+    recorded = results()
+    recorded["hosts"]["0.33.0"]["cases"]["sd3-compress-guider"]["counts"] = "failed"
+    for check in recorded["hosts"]["0.3.64"]["cases"]["qwen_image-adaptive-patch"]:
+        recorded["hosts"]["0.3.64"]["cases"]["qwen_image-adaptive-patch"][check] = "skipped: not in this host"
+    table = compat_table.summary(recorded)
+    assert "| SD3.x | ✗ SD3.x (MMDiT) (see docs/compatibility.md) |" in table
+    assert "| Qwen-Image | ✓ (Qwen-Image on 0.33 only) |" in table
 
 
 def test_every_family_has_a_row_per_method():
