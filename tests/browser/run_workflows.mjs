@@ -229,6 +229,28 @@ async function queueAndWait() {
   }), RUN_TIMEOUT_MS);
 }
 
+async function freshCache() {
+  // A fresh cache for the next workflow: identical nodes would otherwise be served from this run's cache
+  // (ComfyUI 0.3.64 leaves V3 node ids out of the cache key; 0.33 keeps results across prompts), and a cached
+  // run draws nothing. POST /free only sets a flag that the server's worker reads after its next prompt (or
+  // when idle), so a workflow queued at once could still run on the old cache on a busy machine. A tiny
+  // prompt queued behind the request closes that race: the worker reads the flag in the same turn in which
+  // it finishes this prompt, before it takes the next one. Its messages go to a client id no page has.
+  await page.evaluate(async () => {
+    await fetch("/free", { method: "POST", body: JSON.stringify({ free_memory: true }) });
+    const prompt = { 1: { class_type: "EmptyImage", inputs: { width: 8, height: 8, batch_size: 1, color: 0 } },
+      2: { class_type: "PreviewImage", inputs: { images: ["1", 0] } } };
+    const queued = await fetch("/prompt", { method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ prompt, client_id: "fastguidance-browser-test-cache-reset" }) });
+    const { prompt_id: id } = await queued.json();
+    for (let i = 0; i < 1200; i++) {
+      if ((await (await fetch(`/history/${id}`)).json())[id]) return;
+      await new Promise((resolve) => setTimeout(resolve, 100));
+    }
+    throw new Error("the cache reset's prompt did not finish within 2 minutes");
+  });
+}
+
 async function charts() {
   return page.evaluate((chartNodes) => window.app.graph.nodes
     .filter((node) => chartNodes.includes(node.type))
@@ -317,10 +339,7 @@ for (const name of names) {
   }
   entry.pageErrors = errors.slice(errorsBefore);
   workflows.push(entry);
-  // a fresh cache for the next workflow: identical nodes would otherwise be served from this run's
-  // cache (ComfyUI 0.3.64 leaves V3 node ids out of the cache key), and a cached run draws nothing
-  await page.evaluate(() => fetch("/free", { method: "POST", body: JSON.stringify({ free_memory: true }) }));
-  await page.waitForTimeout(1000);
+  await freshCache();
 }
 
 // A reload must not raise errors (the chart data lives only in the page).
