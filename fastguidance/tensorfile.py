@@ -105,7 +105,7 @@ def module_from_file(path: str | Path, kind: str, build: Callable[[], torch.nn.M
     with interpreting(path, kind):
         with torch.device("meta"):
             skeleton = build()
-        expected = {key: value for key, value in skeleton.state_dict().items()}
+        expected = skeleton.state_dict()
         if set(expected) != set(tensors):
             differing = sorted(set(expected) ^ set(tensors))[:4]
             raise TensorFileError(f"{path} is not a valid {kind} file: its tensors do not match its metadata "

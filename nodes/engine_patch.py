@@ -200,19 +200,20 @@ def _plan_and_evaluate(host_run: _HostRun, chained: Callable[[dict], list] | Non
             host_run.batch_mismatch_logged = True
         return _evaluate(chained, args)
     plan = run.plan(args["sigma"])
+    easycache_picks = host_run.easycache_pick is not None and plan.context.sigma in host_run.easycache_pick
     if host_run.counts_evaluations:
         host_run.evaluated = set()
     try:
         if not plan.evaluate_uncond:
             cond, uncond = _evaluate_cond_only(chained, args), None
-        elif host_run.easycache_pick is not None and plan.context.sigma in host_run.easycache_pick:
+        elif easycache_picks:
             # EasyCache's first call: cond alone first, so that it decides on the cond (_easycache_window)
             cond, uncond = _evaluate_cond_only(chained, args), _evaluate_uncond_only(chained, args)
         else:
             cond, uncond = _evaluate(chained, args)[:2]
     finally:
         evaluated, host_run.evaluated = host_run.evaluated, None
-    if host_run.easycache_pick is not None and plan.context.sigma in host_run.easycache_pick:
+    if easycache_picks:
         host_run.easycache_pick = None  # EasyCache has picked the cond: every later call keeps the batch
     uncond_hat = run.complete(plan, x, cond, uncond)
     if evaluated is not None:

@@ -337,6 +337,7 @@ class TrainGuidanceAdapterNode(io.ComfyNode):
                                                    steps, sampler_name, scheduler, sample_shape, seed, progress,
                                                    segment, earlier_model)
         collected = time.perf_counter() - began
+        recording = recording_identity(sample_shape, frames, segment, steps, earlier_model)
         try:
             first = conditioning[0]
             pooled = first["kwargs"].get("y")
@@ -345,7 +346,7 @@ class TrainGuidanceAdapterNode(io.ComfyNode):
             identity = {"spec": spec.to_dict(), "model_fingerprint": model_fingerprint(model), "prompts": lines,
                         "negative": negative, "omega_range": [omega_min, omega_max], "trajectories": trajectories,
                         "steps": steps, "sampler": sampler_name, "scheduler": scheduler, "width": width,
-                        "height": height, **recording_identity(sample_shape, frames, segment, steps, earlier_model)}
+                        "height": height, **recording}
             adapters, trainer, memory = _train(model, spec, settings, store, conditioning, checkpoint_path, identity,
                                                resume, progress, gradient_checkpointing)
         finally:
@@ -356,7 +357,7 @@ class TrainGuidanceAdapterNode(io.ComfyNode):
                 "trajectories": trajectories, "trajectory_steps": steps, "trajectory_examples": len(store),
                 "trajectory_bytes": trajectory_bytes(len(store), sample_shape), "sampler": sampler_name,
                 "scheduler": scheduler, "width": width, "height": height,
-                **recording_identity(sample_shape, frames, segment, steps, earlier_model),
+                **recording,
                 "train_steps": train_steps, "batch": batch,
                 **({"gradient_checkpointing": True} if gradient_checkpointing and is_dit(points) else {}),
                 "learning_rate": learning_rate, "seed": seed, "final_loss": trainer.final_loss(),
