@@ -22,10 +22,17 @@ Actions (DESIGN.md §2):
 - ``ADAPTER``: the cond evaluation is itself guided (AGD adapters active on it), ``û = c``, so CFG
   yields the adapted prediction: one evaluation per call (Jensen et al., AGD).
 
-A policy may also **weight the guidance of FULL calls** (:meth:`GuidancePolicy.guidance_weight`):
-``û = c − w·(c − u)``, so CFG yields ``c + w·(s − 1)·(c − u)``. Compress Guidance's ``compress``
-mode uses it to put the guidance of the skipped steps on the guided ones. Weights of several
-policies multiply; what the policies learn (cosine, cached guidance, history) uses the real ``u``.
+A policy may also **weight the guidance of a call** (:meth:`GuidancePolicy.guidance_weight`): each
+sample whose action still gives it a guidance term (FULL: the real ``c − u``; REUSE: the reused one;
+ESTIMATE: ``c − û`` of the estimate) gets ``û_w = c − w·(c − û)``, so CFG yields
+``c + w·(s − 1)·(c − û)``. Compress Guidance's ``compress`` mode uses it to put the guidance of the
+skipped steps on the guided ones: when another policy replaces the real guidance of such a step by an
+approximation (LinearAG's ESTIMATE, AG's REUSE), the approximation still stands for the covered steps.
+COND_ONLY and ADAPTER samples have no guidance term to weight (AG's cutoff ends guidance; adapters
+guide inside the model pass, at their own ω): the weight is not applied to them. Weights of several
+policies multiply. The call's record holds the weight applied per sample (:attr:`CallRecord.weights`;
+1.0 where none was), not the weight asked for. What the policies learn (cosine, cached guidance,
+history) uses the unweighted predictions. The table of every pair is in docs/methods.md.
 
 **The combination rule**, written once here: every policy proposes an action per sample (or has no
 opinion, which means FULL). Per sample, the proposal with the highest rank wins, the ranks being
@@ -81,6 +88,10 @@ class Action(enum.IntEnum):
     ADAPTER = 4
 
 
+#: actions that leave a sample a guidance term ``c − û`` for a guidance weight to scale (module docstring)
+GUIDED_ACTIONS = frozenset({Action.FULL, Action.REUSE, Action.ESTIMATE})
+
+
 @dataclass(frozen=True)
 class StepContext:
     """What a policy knows about the model call it is asked about."""
@@ -102,8 +113,15 @@ class CallRecord:
     actions: tuple[Action, ...]
     evaluations: int  # batch evaluations spent: 2 with the uncond, 1 without, less what a cache answered
     cosine: list[float | None] | None = None  # per sample, where measured (FULL samples only)
-    guidance_weight: float = 1.0  # w of FULL samples (module docstring); 1 = plain CFG
-    cached: int = 0  # batch evaluations of this call a step cache answered instead of the model (:meth:`GuidanceRun.served_from_cache`)
+    #: per sample, the weight applied to its guidance (module docstring); 1.0 where none was: plain CFG,
+    #: or an action without a guidance term to weight (COND_ONLY, ADAPTER)
+    weights: tuple[float, ...] = ()
+    cached: int = 0  # batch evaluations of this call a step cache answered instead of the model (:meth:`GuidanceRun.complete`)
+
+    @property
+    def guidance_weight(self) -> float:
+        """The largest weight applied to a sample of this call (1.0 where none was applied)."""
+        return max(self.weights, default=1.0)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -114,6 +132,7 @@ class CallRecord:
             "evaluations": self.evaluations,
             "cosine": self.cosine,
             "guidance_weight": self.guidance_weight,
+            "weights": list(self.weights),
             "cached": self.cached,
         }
 
@@ -197,7 +216,7 @@ class GuidancePolicy:
         """The per-sample cosine of a past FULL call has reached the host (before the next plan)."""
 
     def guidance_weight(self, state: Any, context: StepContext) -> float | None:
-        """Weight ``w`` of the guidance of this call's FULL samples (module docstring); ``None`` = 1."""
+        """Weight ``w`` of the guidance of this call's guided samples (module docstring); ``None`` = 1."""
         return None
 
     def may_skip_uncond(self, state: Any) -> bool:
@@ -211,7 +230,8 @@ class GuidancePolicy:
     def observe(self, state: Any, context: StepContext, x: torch.Tensor, cond: torch.Tensor,
                 uncond: torch.Tensor, full: Sequence[bool]) -> None:
         """Every call, after its uncond is known: ``uncond[b]`` is the real prediction where
-        ``full[b]`` (the sample's action was FULL), else the sample's estimate (never weighted)."""
+        ``full[b]`` (the sample's action was FULL and the model, not a step cache, made the call's
+        predictions), else what the run used in its place (never weighted)."""
 
     def estimate(self, state: Any, context: StepContext, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """The uncond estimate for the whole batch, for samples where this policy won with ESTIMATE."""
@@ -234,7 +254,7 @@ class StepPlan:
     context: StepContext
     actions: tuple[Action, ...]
     owners: tuple[int | None, ...]  # index of the policy whose proposal won, per sample
-    guidance_weight: float = 1.0  # w applied to FULL samples (module docstring)
+    guidance_weight: float = 1.0  # w asked for by the policies; applied to guided samples (module docstring)
 
     @property
     def evaluate_uncond(self) -> bool:
@@ -348,46 +368,52 @@ class GuidanceRun:
                 weight *= float(policy_weight)
         return StepPlan(context, actions, owners, weight)
 
-    def complete(self, plan: StepPlan, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None) -> torch.Tensor:
+    def complete(self, plan: StepPlan, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None,
+                 cached: int = 0) -> torch.Tensor:
         """Record the call and return the uncond prediction to combine with ``cond``.
 
         ``uncond`` is the real prediction when the host evaluated it (``plan.evaluate_uncond``), else
         ``None``. Samples whose action is not FULL get their estimate even when the real uncond exists.
+        The guidance weight applies to every sample that keeps a guidance term (module docstring).
+
+        ``cached``: batch evaluations of this call that a step cache beside the engine answered instead
+        of the model (ComfyUI's EasyCache answers inside the model call: 1 or 2). Such predictions were
+        not made by the model, so the policies learn nothing from the call (no cosine, no cached
+        guidance; :meth:`GuidancePolicy.observe` gets ``full`` all false) and the record counts them as
+        cached, not evaluated.
         """
         if plan.evaluate_uncond and uncond is None:
             raise ValueError("the plan evaluates the uncond, but no uncond prediction was given")
+        evaluations = 2 if uncond is not None else 1
+        served = min(max(int(cached), 0), evaluations)
+        guided = [action in GUIDED_ACTIONS for action in plan.actions]
+        weighted_samples = guided if plan.guidance_weight != 1.0 else [False] * len(guided)
         record = CallRecord(plan.context.call, plan.context.step, plan.context.sigma, plan.actions,
-                            evaluations=2 if uncond is not None else 1, guidance_weight=plan.guidance_weight)
+                            evaluations=evaluations - served, cached=served,
+                            weights=tuple(plan.guidance_weight if weighted else 1.0 for weighted in weighted_samples))
         self.records.append(record)
         if self._unread_sigmas and self._unread_sigmas[-1][0] is None:
             self._unread_sigmas[-1] = (record, self._unread_sigmas[-1][1])
-        if uncond is not None:
+        if uncond is not None and not served:
             self._learn(plan, record, x, cond, uncond)
         uncond_hat = self._uncond_estimate(plan, x, cond, uncond)
-        full = [action == Action.FULL for action in plan.actions]
+        full = [action == Action.FULL and not served for action in plan.actions]
         for policy, state in zip(self.policies, self._states):
             policy.observe(state, plan.context, x, cond, uncond_hat, full)
-        if plan.guidance_weight == 1.0 or not any(full):
+        if not any(weighted_samples):
             return uncond_hat
         weighted = cond - plan.guidance_weight * (cond - uncond_hat)
-        if all(full):
+        if all(weighted_samples):
             return weighted
-        return torch.where(self._sample_mask(full, cond), weighted, uncond_hat)
+        return torch.where(self._sample_mask(weighted_samples, cond), weighted, uncond_hat)
 
-    def served_from_cache(self, evaluations: int, calls: int = 0, cache_name: str = "") -> None:
-        """A step cache beside the engine answered some model evaluations instead of the model.
-
-        ``evaluations``: batch evaluations of the last recorded call (:meth:`complete`) that the cache
-        answered (EasyCache returns a step's prediction from its cache inside the model call: 1 or 2);
-        ``calls``: sampler calls the cache answered whole before they reached the engine (LazyCache),
-        counted at 2 evaluations each, as plain CFG would spend. The host measures both; the summary
-        then counts what the model really ran and what each of the two saved.
+    def served_from_cache(self, calls: int = 0, cache_name: str = "") -> None:
+        """A step cache beside the engine answered ``calls`` sampler calls whole, before they reached the
+        engine (LazyCache), counted at 2 evaluations each, as plain CFG would spend; ``cache_name`` names
+        the cache in the summary. Evaluations a cache answers inside an engine call are counted by
+        :meth:`complete` (``cached``). The summary then counts what the model really ran and what each
+        of the two saved.
         """
-        if evaluations:
-            record = self.records[-1]
-            served = min(int(evaluations), record.evaluations)
-            record.evaluations -= served
-            record.cached += served
         self._cache_calls += int(calls)
         if cache_name:
             self._cache_name = cache_name

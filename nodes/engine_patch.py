@@ -215,11 +215,9 @@ def _plan_and_evaluate(host_run: _HostRun, chained: Callable[[dict], list] | Non
         evaluated, host_run.evaluated = host_run.evaluated, None
     if easycache_picks:
         host_run.easycache_pick = None  # EasyCache has picked the cond: every later call keeps the batch
-    uncond_hat = run.complete(plan, x, cond, uncond)
-    if evaluated is not None:
-        planned = {0, 1} if uncond is not None else {0}
-        run.served_from_cache(len(planned - evaluated), cache_name=host_run.cache_name)
-    return [cond, uncond_hat]
+    planned = {0, 1} if uncond is not None else {0}
+    cached = len(planned - evaluated) if evaluated is not None else 0  # answered by a step cache, not the model
+    return [cond, run.complete(plan, x, cond, uncond, cached=cached)]
 
 
 def _evaluate(chained: Callable[[dict], list] | None, args: dict) -> list:
@@ -320,8 +318,8 @@ def _count_model_evaluation(executor, *args, **kwargs):
 
 def _count_cache_calls(host_run: _HostRun) -> None:
     """Sampler calls a step cache answered before they reached the engine (LazyCache), once per run."""
-    if host_run.counts_evaluations and host_run.sampler_calls > host_run.engine_calls:
-        host_run.run.served_from_cache(0, calls=host_run.sampler_calls - host_run.engine_calls,
+    if host_run.counts_evaluations:
+        host_run.run.served_from_cache(calls=max(host_run.sampler_calls - host_run.engine_calls, 0),
                                        cache_name=host_run.cache_name)
         host_run.sampler_calls = host_run.engine_calls
 
