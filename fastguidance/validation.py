@@ -16,6 +16,7 @@ raises on a value of the wrong type.
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ class NumberRule:
 
     def check(self, name: str, value: object, fix: str | None = None) -> None:
         # the type first: comparing text or None with a number would raise a TypeError instead
-        if (not is_finite_number(value) or (self.integer and not isinstance(value, int))
+        if (not is_finite_number(value) or (self.integer and not is_whole_number(value))
                 or not self.low <= value <= self.high):
             raise InvalidInputError(name, value, fix or self.fix())
 
@@ -80,8 +81,15 @@ Rule = NumberRule | ChoiceRule | TextRule | SwitchRule
 
 
 def is_finite_number(value: object) -> bool:
-    """An int or float, not a bool, not NaN or infinite (what a number input or a file's number may hold)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A real number of any numeric type (Python's, NumPy's), not a bool, not NaN or infinite: what a number
+    input, a value from a linked node or a file's number may hold."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_whole_number(value: object) -> bool:
+    """A finite number whose value is whole, of any numeric type: ``20``, ``20.0`` or a NumPy integer (a link
+    from another pack's math node may deliver any of them to an INT input); never ``20.5`` or a bool."""
+    return is_finite_number(value) and (isinstance(value, numbers.Integral) or float(value).is_integer())
 
 
 def require_number(name: str, value: object, low: float, high: float, fix: str, integer: bool = False) -> None:

@@ -8,7 +8,7 @@ from ..fastguidance.guidance import COSINE_SPACES
 from ..fastguidance.adaptive_guidance import (AFTER_CUTOFF_MODES, CONVERGENCE_OFF, MAX_THRESHOLD, PAPER_SETTINGS,
                                               AdaptiveGuidance, validate_window)
 from .engine_patch import cfg_guider, guider_inputs, install_policy
-from .validation import CrossRule, check_inputs, validate
+from .validation import CrossRule, ValidatedNode
 
 
 _DEFAULTS = AdaptiveGuidance()
@@ -74,7 +74,9 @@ def _policy(threshold: float, start_percent: float, end_percent: float, after_cu
                             after_cutoff=after_cutoff, cosine_space=cosine_space, convergence=convergence)
 
 
-class AdaptiveGuidanceNode(io.ComfyNode):
+class AdaptiveGuidanceNode(ValidatedNode):
+    CHECKS = _CHECKS
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -91,19 +93,16 @@ class AdaptiveGuidanceNode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, **values) -> bool | str:
-        return validate(cls, values, *_CHECKS)
-
-    @classmethod
     def execute(cls, model, threshold: float, start_percent: float, end_percent: float, after_cutoff: str,
                 cosine_space: str = LEGACY_VALUES["cosine_space"],
                 convergence: float = LEGACY_VALUES["convergence"]) -> io.NodeOutput:
-        check_inputs(cls, locals(), *_CHECKS)
         policy = _policy(threshold, start_percent, end_percent, after_cutoff, cosine_space, convergence)
         return io.NodeOutput(install_policy(model, policy, cls.hidden.unique_id))
 
 
-class AdaptiveGuiderNode(io.ComfyNode):
+class AdaptiveGuiderNode(ValidatedNode):
+    CHECKS = _CHECKS
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -119,13 +118,8 @@ class AdaptiveGuiderNode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, **values) -> bool | str:
-        return validate(cls, values, *_CHECKS)
-
-    @classmethod
     def execute(cls, model, positive, negative, cfg: float, threshold: float, start_percent: float,
                 end_percent: float, after_cutoff: str, cosine_space: str = LEGACY_VALUES["cosine_space"],
                 convergence: float = LEGACY_VALUES["convergence"]) -> io.NodeOutput:
-        check_inputs(cls, locals(), *_CHECKS)
         policy = _policy(threshold, start_percent, end_percent, after_cutoff, cosine_space, convergence)
         return io.NodeOutput(cfg_guider(model, positive, negative, cfg, policy, cls.hidden.unique_id))

@@ -9,6 +9,7 @@ from comfy_api.latest import io, ui
 
 from ..fastguidance.errors import InvalidInputError
 from ..fastguidance.metrics import PSNR_CAP_DB, compare_images
+from .validation import ValidatedNode
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +25,7 @@ def _to_channels_first(images: object, name: str) -> torch.Tensor:
     return images.movedim(-1, 1)
 
 
-class CompareImagesNode(io.ComfyNode):
+class CompareImagesNode(ValidatedNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

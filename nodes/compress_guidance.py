@@ -6,7 +6,7 @@ from comfy_api.latest import io
 
 from ..fastguidance.compress_guidance import COMPRESS_MODES, MAX_SKEW, CompressGuidance, validate_compress_guidance
 from .engine_patch import cfg_guider, guider_inputs, install_policy
-from .validation import CrossRule, check_inputs, validate
+from .validation import CrossRule, ValidatedNode
 
 
 _DEFAULTS = CompressGuidance()
@@ -53,7 +53,9 @@ def _policy(compression: float, guided_steps: int, skew: float, mode: str) -> Co
     return CompressGuidance(compression=compression, guided_steps=guided_steps, skew=skew, mode=mode)
 
 
-class CompressGuidanceNode(io.ComfyNode):
+class CompressGuidanceNode(ValidatedNode):
+    CHECKS = _CHECKS
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -71,17 +73,14 @@ class CompressGuidanceNode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, **values) -> bool | str:
-        return validate(cls, values, *_CHECKS)
-
-    @classmethod
     def execute(cls, model, compression: float, guided_steps: int, skew: float, mode: str) -> io.NodeOutput:
-        check_inputs(cls, locals(), *_CHECKS)
         policy = _policy(compression, guided_steps, skew, mode)
         return io.NodeOutput(install_policy(model, policy, cls.hidden.unique_id))
 
 
-class CompressGuiderNode(io.ComfyNode):
+class CompressGuiderNode(ValidatedNode):
+    CHECKS = _CHECKS
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -97,12 +96,7 @@ class CompressGuiderNode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, **values) -> bool | str:
-        return validate(cls, values, *_CHECKS)
-
-    @classmethod
     def execute(cls, model, positive, negative, cfg: float, compression: float, guided_steps: int, skew: float,
                 mode: str) -> io.NodeOutput:
-        check_inputs(cls, locals(), *_CHECKS)
         policy = _policy(compression, guided_steps, skew, mode)
         return io.NodeOutput(cfg_guider(model, positive, negative, cfg, policy, cls.hidden.unique_id))

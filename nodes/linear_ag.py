@@ -18,7 +18,7 @@ from ..fastguidance.linear_ag import (MAX_WINDOW, POLICY_MODES, LinearAG, Linear
                                       validate_linear_ag, validate_linear_ag_calibration)
 from . import model_folders, page_messages
 from .engine_patch import install_policy
-from .validation import FILE_NAME, CrossRule, FileInput, check_inputs, validate
+from .validation import FILE_NAME, CrossRule, FileInput, ValidatedNode
 from .model_identity import model_architecture, model_fingerprint
 
 log = logging.getLogger("fastguidance")
@@ -45,7 +45,9 @@ _POLICY_CHECKS = (FileInput("coefficients", model_folders.LINEAR_AG, "make one w
                   CrossRule(validate_linear_ag, ("mode", "after_step", "error_bound")))
 
 
-class LinearAGCalibrateNode(io.ComfyNode):
+class LinearAGCalibrateNode(ValidatedNode):
+    CHECKS = _CALIBRATE_CHECKS
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -91,14 +93,9 @@ class LinearAGCalibrateNode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, **values) -> bool | str:
-        return validate(cls, values, *_CALIBRATE_CHECKS)
-
-    @classmethod
     def execute(cls, model, positive, negative, latent_image, seed: int, runs: int, sampler_name: str,
                 scheduler: str, steps: int, cfg: float, window: int, regularization: float, filename: str,
                 overwrite: bool) -> io.NodeOutput:
-        check_inputs(cls, locals(), *_CALIBRATE_CHECKS)
         latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
         validate_linear_ag_calibration(window, regularization, runs * latent.shape[0])
         path = model_folders.new_file(model_folders.LINEAR_AG, filename, overwrite)
@@ -125,7 +122,9 @@ class LinearAGCalibrateNode(io.ComfyNode):
         return io.NodeOutput(report)
 
 
-class LinearAGNode(io.ComfyNode):
+class LinearAGNode(ValidatedNode):
+    CHECKS = _POLICY_CHECKS
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -161,13 +160,8 @@ class LinearAGNode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, **values) -> bool | str:
-        return validate(cls, values, *_POLICY_CHECKS)
-
-    @classmethod
     def execute(cls, model, coefficients: str, mode: str, after_step: int, error_bound: float,
                 interpolate_sigmas: bool) -> io.NodeOutput:
-        check_inputs(cls, locals(), *_POLICY_CHECKS)
         path = model_folders.existing_file(model_folders.LINEAR_AG, coefficients, "coefficients",
                                            "make one with LinearAG Calibrate")
         table = LinearAGCoefficients.load(path)

@@ -19,7 +19,7 @@ from ..fastguidance.step_predictor import (StepPredictor, conditioning_features,
                                            parse_step_options, save_step_predictor, train_step_policy)
 from . import model_folders, page_messages
 from .trainers import curve_image, prompt_lines
-from .validation import FILE_NAME, CrossRule, FileInput, check_inputs, validate
+from .validation import FILE_NAME, CrossRule, FileInput, ValidatedNode
 from .model_identity import model_architecture, model_fingerprint, require_same_model
 
 log = logging.getLogger("fastguidance")
@@ -46,7 +46,9 @@ _LOAD_CHECKS = (FileInput("predictor", model_folders.STEP_PREDICTORS, "train one
 _TRAIN_CHECKS = (FILE_NAME, CrossRule(parse_step_options, ("step_options",)), CrossRule(prompt_lines, ("prompts",)))
 
 
-class StepPredictorNode(io.ComfyNode):
+class StepPredictorNode(ValidatedNode):
+    CHECKS = _LOAD_CHECKS
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -79,12 +81,7 @@ class StepPredictorNode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, **values) -> bool | str:
-        return validate(cls, values, *_LOAD_CHECKS)
-
-    @classmethod
     def execute(cls, positive, predictor: str, model, scheduler: str, allow_other_model: bool = False) -> io.NodeOutput:
-        check_inputs(cls, locals(), *_LOAD_CHECKS)
         path = model_folders.existing_file(model_folders.STEP_PREDICTORS, predictor, "predictor",
                                            "train one with Train Step Predictor")
         network, metadata = load_step_predictor(path)
@@ -99,7 +96,9 @@ class StepPredictorNode(io.ComfyNode):
         return io.NodeOutput(steps, sigmas, ui={"text": [text]})
 
 
-class TrainStepPredictorNode(io.ComfyNode):
+class TrainStepPredictorNode(ValidatedNode):
+    CHECKS = _TRAIN_CHECKS
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -157,14 +156,9 @@ class TrainStepPredictorNode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, **values) -> bool | str:
-        return validate(cls, values, *_TRAIN_CHECKS)
-
-    @classmethod
     def execute(cls, model, clip, prompts: str, negative: str, sampler_name: str, scheduler: str, cfg: float,
                 step_options: str, cost_weight: float, iterations: int, batch: int, width: int, height: int,
                 seed: int, filename: str, overwrite: bool, vae=None) -> io.NodeOutput:
-        check_inputs(cls, locals(), *_TRAIN_CHECKS)
         options = parse_step_options(step_options)
         lines = prompt_lines(prompts)
         path = model_folders.new_file(model_folders.STEP_PREDICTORS, filename, overwrite)

@@ -11,6 +11,7 @@ import math
 import os
 import struct
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -42,13 +43,26 @@ any_value = (json_values | st.floats() | st.binary(max_size=8) | st.just(float("
 @given(value=any_value, integer=st.booleans())
 def test_a_number_rule_accepts_exactly_finite_numbers_of_its_kind_in_range(value, integer):
     rule = NumberRule(0.0, 10.0, integer)
-    expected = (not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
-                and math.isfinite(value) and 0.0 <= value <= 10.0)
+    expected = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+                and 0.0 <= value <= 10.0 and (not integer or float(value).is_integer()))
     if expected:
         rule.check("strength", value)
     else:
         with pytest.raises(InvalidInputError, match=r"^strength = .* use a (whole )?number from 0 to 10"):
             rule.check("strength", value)
+
+
+@pytest.mark.parametrize("value", [20, 20.0, np.int64(20), np.int32(20), np.uint8(20), np.float32(20.0),
+                                   np.float64(20.0)])
+def test_a_whole_number_input_accepts_a_whole_value_of_any_numeric_type(value):
+    """A linked INT input may arrive as 20.0 or a NumPy integer from another pack's node."""
+    NumberRule(1, 200, integer=True).check("steps", value)
+
+
+@pytest.mark.parametrize("value", [20.5, np.float32(20.5), np.bool_(True), True, "20", np.nan, np.int64(201)])
+def test_a_whole_number_input_refuses_fractions_bools_text_and_values_out_of_range(value):
+    with pytest.raises(InvalidInputError, match=r"^steps = .* use a whole number from 1 to 200"):
+        NumberRule(1, 200, integer=True).check("steps", value)
 
 
 @FUZZ

@@ -13,6 +13,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -39,8 +40,8 @@ def is_valid(spec: tuple, value: object) -> bool:
     if isinstance(kind, list) or kind == "COMBO":
         return isinstance(value, str) and value in (kind if isinstance(kind, list) else options.get("options", []))
     if kind in ("INT", "FLOAT"):
-        types = (int,) if kind == "INT" else (int, float)
-        return (isinstance(value, types) and not isinstance(value, bool) and math.isfinite(value)
+        return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                and (kind == "FLOAT" or float(value).is_integer())  # INT: any whole value (a link may send 20.0)
                 and options.get("min", -math.inf) <= value <= options.get("max", math.inf))
     if kind == "STRING":
         return isinstance(value, str)
@@ -90,6 +91,36 @@ def test_execute_refuses_a_linked_bad_value_before_it_touches_the_model(host, no
         arguments["coefficients"] = "any.safetensors"
     with pytest.raises(errors.InvalidInputError, match=f"^{name} = nan"):
         host.node(node_id).execute(**arguments)  # model None: any use of it before the check would fail differently
+
+
+def test_every_node_checks_its_inputs_at_queue_time_and_before_execute(host):
+    """One shared way (nodes/validation.py ValidatedNode): no node can forget validate_inputs or the check
+    before execute, also on the class clone the host makes per call."""
+    validation = pack_module(host, "nodes.validation")
+    for node_id in pack_nodes(host):
+        cls = host.nodes.NODE_CLASS_MAPPINGS[node_id]
+        assert issubclass(cls, validation.ValidatedNode), node_id
+        assert getattr(cls.execute.__func__, "checks_inputs", False), node_id
+        assert getattr(host.node(node_id).execute.__func__, "checks_inputs", False), node_id
+        assert cls.validate_inputs.__func__ is validation.ValidatedNode.validate_inputs.__func__, node_id
+
+
+@pytest.mark.parametrize("linked", [3, 3.0, np.int64(3), np.float32(3.0)])
+def test_a_linked_whole_number_of_any_numeric_type_reaches_an_int_input_as_an_int(host, tiny_model, linked):
+    engine_patch = pack_module(host, "nodes.engine_patch")
+    settings = {**node_defaults(host, "FastGuidance_CompressGuidance"), "guided_steps": linked}
+    assert host.node("FastGuidance_CompressGuidance").validate_inputs(**settings) is True
+    patched = host.node("FastGuidance_CompressGuidance").execute(tiny_model, **settings)[0]
+    policy = patched.model_options["transformer_options"][engine_patch.ENGINE_KEY].policies[-1]
+    assert policy.guided_steps == 3 and type(policy.guided_steps) is int
+
+
+@pytest.mark.parametrize("linked", [3.5, np.float64(3.5), np.bool_(True)])
+def test_a_linked_fraction_or_bool_in_an_int_input_is_refused_before_any_work(host, linked):
+    errors = pack_module(host, "fastguidance.errors")
+    settings = {**node_defaults(host, "FastGuidance_CompressGuidance"), "guided_steps": linked}
+    with pytest.raises(errors.InvalidInputError, match="^guided_steps = .* use a whole number"):
+        host.node("FastGuidance_CompressGuidance").execute(None, **settings)
 
 
 @pytest.fixture(scope="module")
