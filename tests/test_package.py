@@ -128,9 +128,28 @@ def test_every_node_is_in_the_readme_and_the_node_list():
     for node_id in ids:
         assert node_id in readme, f"README.md does not document {node_id}"
     node_list = (ROOT / "nodes" / "__init__.py").read_text()
-    classes = re.findall(r"class (\w+)\(io\.ComfyNode\)", "".join(p.read_text() for p in (ROOT / "nodes").glob("*.py")))
+    classes = node_classes()
+    assert len(classes) == len(ids), (sorted(classes), sorted(ids))
     for cls in classes:
         assert cls in node_list, f"{cls} is not in the one list of nodes (nodes/__init__.py)"
+
+
+def node_classes() -> dict[str, list[str]]:
+    """Every class of nodes/ that declares a node (it defines ``define_schema``) → the names of its bases."""
+    classes = {}
+    for path in (ROOT / "nodes").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and any(isinstance(item, ast.FunctionDef) and item.name == "define_schema"
+                                                      for item in node.body):
+                classes[node.name] = [ast.unparse(base) for base in node.bases]
+    return classes
+
+
+def test_every_node_checks_its_inputs_the_one_shared_way():
+    """ValidatedNode (nodes/validation.py) gives validate_inputs and the check before execute; a node that
+    derived from io.ComfyNode directly could forget both (the real-host suite checks the classes themselves)."""
+    for cls, bases in node_classes().items():
+        assert bases == ["ValidatedNode"], f"{cls} derives from {bases}: derive it from ValidatedNode"
 
 
 def test_no_print_in_the_pack():
