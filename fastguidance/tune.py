@@ -385,8 +385,8 @@ PRESET_SCHEDULE_KEYS = ("sampler", "scheduler", "steps", "cfg", "start_at_step",
 
 def content_digest(value: Any) -> str:
     """16 hex digits identifying ``value``'s content: nested dicts, lists and tuples of tensors (every
-    value, shape and dtype), numbers, strings, booleans and ``None``; any other object counts by its
-    type's name only. Equal content, equal digest, on any device and in any process."""
+    value, shape and dtype), bytes (a file's content), numbers, strings, booleans and ``None``; any other
+    object counts by its type's name only. Equal content, equal digest, on any device and in any process."""
     digest = hashlib.sha256()
 
     def feed(item: Any) -> None:
@@ -404,6 +404,9 @@ def content_digest(value: Any) -> str:
             digest.update(f"{type(item).__name__}{len(item)}|".encode())
             for element in item:
                 feed(element)
+        elif isinstance(item, (bytes, bytearray)):
+            digest.update(f"bytes{len(item)}|".encode())
+            digest.update(item)
         elif item is None or isinstance(item, (bool, int, float, str)):
             digest.update(f"{type(item).__name__}:{item!r}|".encode())
         else:

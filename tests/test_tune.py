@@ -293,7 +293,7 @@ def test_content_digest_follows_the_content_only():
     assert content_digest(tensor) != content_digest(tensor.reshape(3, 2))  # the shape counts
     assert content_digest(tensor) != content_digest(tensor.half())  # and the dtype
     assert content_digest({"a": 1}) != content_digest({"a": 1.5}) and content_digest(None) != content_digest("None")
-    assert len(content_digest(b"bytes")) == 16
+    assert len(content_digest(b"bytes")) == 16 and content_digest(b"bytes") != content_digest(b"bytez")
 
 
 def test_input_differences_name_what_changed():
