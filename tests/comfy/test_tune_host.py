@@ -274,6 +274,7 @@ def test_the_first_segment_is_compared_through_the_picture_its_handover_points_t
                                                                                     presets):
     import comfy.sample
     import comfy.samplers
+    import comfy.utils
 
     tune = pack_module(host, "fastguidance.tune")
     model = run_tune(host, flow_model, filename="first", start_at_step=0, end_at_step=HANDOVER)[0]
@@ -297,8 +298,18 @@ def test_the_first_segment_is_compared_through_the_picture_its_handover_points_t
 
     compared = tune.fidelity(estimate(out), estimate(handed_over["samples"]))[0]
     assert compared == pytest.approx(metadata["ssim_min"], abs=1e-6)
-    # the handed-over latents themselves, leftover noise and all, look closer than they are
-    assert tune.fidelity(out, handed_over["samples"])[0] > compared
+    # what a trial compares is exactly that estimate (the whole schedule: the latent itself); on this tiny
+    # model the estimate and the handed-over latent score alike, so this pins it directly
+    # (benchmarks/tune_handover.py measures why it matters on a trained model)
+    trials_class = pack_module(host, "nodes.tune")._Trials
+    positive, negative = make_conds()
+    progress = comfy.utils.ProgressBar(1)
+    segment = trials_class(flow_model, positive, negative, latent(1, SIZE), SEED, "euler", "normal", STEPS, CFG, None,
+                           progress, (0, HANDOVER))
+    assert torch.equal(segment.compared(out), estimate(out))
+    whole = trials_class(flow_model, positive, negative, latent(1, SIZE), SEED, "euler", "normal", STEPS, CFG, None,
+                         progress, (0, STEPS))
+    assert torch.equal(whole.compared(out), out)
 
     # the preset fits the same steps whether the segment hands over or ends on sigma 0 (leftover noise disabled)
     loaded = load_preset(host, flow_model, "first.safetensors")[0]
