@@ -3,8 +3,6 @@ real server (a re-queue, ComfyUI's cache, a cache that was freed)."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
