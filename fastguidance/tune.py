@@ -15,11 +15,19 @@ aggressive and bisects over the list for the most aggressive one that meets the 
 ``⌈log2(len + 1)⌉`` samplings of the prompts per method instead of a grid. Every trial is
 recorded, and the result is the cheapest *measured* setting that met the target, so a curve that
 is not monotone can make the search miss a cheaper setting but never return one that failed.
-When no candidate meets the target the method's result is ``None`` (plain CFG).
+When no candidate meets the target the method's result is ``None`` (plain CFG). The assumption is
+checked on the trials the search ran (:attr:`TuneResult.out_of_order`): a trial whose worst SSIM
+is above that of a more conservative trial of its method is reported, since a setting beyond the
+one found may then also meet the target.
+
+**Presets** (:func:`save_preset`) store the winner, every trial and what the search was made for,
+including a digest of its inputs (:func:`content_digest`), so that a run with the same inputs reads
+the preset back (:func:`TuneResult.from_dict`) instead of sampling again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -29,6 +37,7 @@ import torch
 from .engine import GuidancePolicy
 from .errors import InvalidInputError
 from .validation import is_finite_number, require_number
+from .charts import tradeoff_chart
 from .metrics import ssim
 from .adaptive_guidance import AdaptiveGuidance
 from .compress_guidance import CompressGuidance
@@ -38,6 +47,11 @@ TUNABLE_METHODS = ("ag", "compg", "linear_ag")
 #: the fidelity target's range: below 0.5 the images no longer resemble CFG's
 MIN_TARGET, MAX_TARGET = 0.5, 1.0
 DEFAULT_TARGET = 0.95
+#: how far a more aggressive trial's worst SSIM may rise above a more conservative one's before the
+#: rise counts as out of order (differences below it are rounding: decoding, fp16)
+ORDER_TOLERANCE = 1e-4
+#: the chart's series of the trials that break the search's assumption (:attr:`TuneResult.out_of_order`)
+OUT_OF_ORDER = "out of order: fidelity rose"
 
 #: one sampling of the prompts with some policies: (images or latents [B, …], model evaluations per image)
 Sampler = Callable[[Sequence[GuidancePolicy]], tuple[torch.Tensor, Sequence[float]]]
@@ -105,7 +119,48 @@ class Trial:
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "value": self.value, "evaluations": self.evaluations,
                 "fidelity_min": self.worst, "fidelity_mean": sum(self.fidelity) / len(self.fidelity),
-                "meets": self.meets}
+                "fidelity": list(self.fidelity), "meets": self.meets}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Trial":
+        """The trial :meth:`to_dict` wrote (``fidelity``: per image)."""
+        fidelity = [float(value) for value in data["fidelity"]]
+        if not fidelity or not all(math.isfinite(value) for value in fidelity):
+            raise ValueError(f"a trial without per-image fidelity: {data!r}")
+        return cls(str(data["method"]), float(data["value"]), float(data["evaluations"]), fidelity,
+                   bool(data["meets"]))
+
+
+@dataclass(frozen=True)
+class OutOfOrder:
+    """A trial that breaks the search's assumption: its worst SSIM is above that of ``conservative``, a
+    more conservative setting of the same method (the lowest such), by more than :data:`ORDER_TOLERANCE`."""
+
+    trial: Trial
+    conservative: Trial
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.trial.method, "value": self.trial.value, "worst": self.trial.worst,
+                "conservative_value": self.conservative.value, "conservative_worst": self.conservative.worst}
+
+
+def out_of_order(trials: Sequence[Trial], methods: dict[str, TuneMethod]) -> list[OutOfOrder]:
+    """The trials whose worst SSIM rose although their setting is more aggressive (module docstring).
+
+    Per method, the trials in candidate order (conservative first); each is compared with the lowest
+    worst SSIM of the more conservative trials before it.
+    """
+    found = []
+    for name, method in methods.items():
+        ordered = sorted((trial for trial in trials if trial.method == name),
+                         key=lambda trial: method.candidates.index(trial.value))
+        lowest: Trial | None = None
+        for trial in ordered:
+            if lowest is not None and trial.worst > lowest.worst + ORDER_TOLERANCE:
+                found.append(OutOfOrder(trial, lowest))
+            if lowest is None or trial.worst < lowest.worst:
+                lowest = trial
+    return found
 
 
 @dataclass
@@ -131,6 +186,15 @@ class TuneResult:
     def policy_of(self, trial: Trial | None) -> GuidancePolicy | None:
         return None if trial is None else self.methods[trial.method].make_policy(trial.value)
 
+    @property
+    def out_of_order(self) -> list[OutOfOrder]:
+        """Trials that break the assumption that fidelity falls as the setting gets more aggressive."""
+        return out_of_order(self.trials, self.methods)
+
+    def shown_value(self, trial: Trial) -> str:
+        """A trial's setting as the user reads it (a count as a whole number)."""
+        return f"{self.settings_of(trial)[self.methods[trial.method].setting]:g}"
+
     def text(self) -> str:
         """The result as lines for the user (the node's STRING output and the log)."""
         lines = [f"FastGuidance Tune: target SSIM ≥ {self.target} on every image; plain CFG "
@@ -143,6 +207,13 @@ class TuneResult:
                 lines.append(f"  {method}: {setting} {self.methods[method].settings(trial.value)[setting]:g}: "
                              f"{trial.evaluations:g} evaluations "
                              f"({self.cfg_evaluations / trial.evaluations:.2f}x fewer), worst SSIM {trial.worst:.4f}")
+        for broken in self.out_of_order:
+            trial, conservative = broken.trial, broken.conservative
+            setting = self.methods[trial.method].setting
+            lines.append(f"  {trial.method}: out of order: {setting} {self.shown_value(trial)} kept a worst SSIM of "
+                         f"{trial.worst:.4f}, more than the more conservative {self.shown_value(conservative)} "
+                         f"({conservative.worst:.4f}): the search assumes fidelity falls as the setting gets more "
+                         "aggressive, so a setting beyond the one found may also meet the target")
         winner = self.winner
         lines.append("  chosen: " + ("plain CFG (no method met the target)" if winner is None else
                                      f"{winner.method} " + ", ".join(f"{k} {v}" for k, v in self.settings_of(winner).items())))
@@ -161,7 +232,44 @@ class TuneResult:
             "best": {method: None if trial is None else {**trial.to_dict(), "settings": self.settings_of(trial)}
                      for method, trial in self.best.items()},
             "trials": [trial.to_dict() for trial in self.trials],
+            "out_of_order": [broken.to_dict() for broken in self.out_of_order],
         }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], methods: Sequence[TuneMethod]) -> "TuneResult":
+        """The result :meth:`to_dict` wrote, for the same ``methods`` (a preset read back instead of
+        searching again). Raises ``ValueError`` (or ``KeyError``/``TypeError``) on data that does not fit."""
+        by_name = {method.method: method for method in methods}
+        trials = [Trial.from_dict(trial) for trial in data["trials"]]
+        for trial in trials:
+            if trial.method not in by_name or trial.value not in by_name[trial.method].candidates:
+                raise ValueError(f"a trial of {trial.method} {trial.value} is not among the searched settings")
+        best: dict[str, Trial | None] = {}
+        for name in by_name:
+            chosen = data["best"][name]
+            matching = [] if chosen is None else [trial for trial in trials
+                                                   if trial.method == name and trial.value == float(chosen["value"])]
+            if chosen is not None and not matching:
+                raise ValueError(f"the best {name} setting {chosen!r} is not among the trials")
+            best[name] = matching[0] if matching else None
+        return cls(float(data["target"]), float(data["cfg_evaluations"]), by_name, trials, best, int(data["samplings"]))
+
+
+def tradeoff_figure(result: TuneResult):
+    """The search as a chart (:func:`fastguidance.charts.tradeoff_chart`): every trial, one colour per
+    method, each method's choice ringed, and the trials out of order drawn again over their dots in a
+    colour of their own (:data:`OUT_OF_ORDER`, last in the legend)."""
+    series = {method: [(trial.evaluations, trial.worst) for trial in result.trials if trial.method == method]
+              for method in result.methods}
+    chosen = {method: (trial.evaluations, trial.worst, f"{result.methods[method].setting} {result.shown_value(trial)}")
+              for method, trial in result.best.items() if trial is not None}
+    broken = result.out_of_order
+    if broken:
+        series[OUT_OF_ORDER] = [(entry.trial.evaluations, entry.trial.worst) for entry in broken]
+    winner = result.winner
+    title = "FastGuidance Tune: " + ("no method met the target" if winner is None else
+                                     f"{winner.method} ({result.cfg_evaluations / winner.evaluations:.2f}x fewer evaluations)")
+    return tradeoff_chart(series, result.target, reference=(result.cfg_evaluations, 1.0), chosen=chosen, title=title)
 
 
 def validate_target(target: float) -> None:
@@ -268,16 +376,63 @@ def policy_from_settings(method: str, settings: dict[str, Any], linear_ag_coeffi
 # -- presets: a tuning result saved for FastGuidance_LoadPreset --------------------------------------
 
 PRESET_FORMAT = "fastguidance_preset"
+#: still 1: the keys added since (``inputs``, ``trials``, ``best``, ``start_at_step``, ``end_at_step``…)
+#: are optional, and a preset without them reads as before (no record of its inputs: the full schedule)
 PRESET_VERSION = 1
 #: what a preset was made for, checked when it is applied (the schedule keys must match exactly)
-PRESET_SCHEDULE_KEYS = ("sampler", "scheduler", "steps", "cfg")
+PRESET_SCHEDULE_KEYS = ("sampler", "scheduler", "steps", "cfg", "start_at_step", "end_at_step")
+
+
+def content_digest(value: Any) -> str:
+    """16 hex digits identifying ``value``'s content: nested dicts, lists and tuples of tensors (every
+    value, shape and dtype), bytes (a file's content), numbers, strings, booleans and ``None``; any other
+    object counts by its type's name only. Equal content, equal digest, on any device and in any process."""
+    digest = hashlib.sha256()
+
+    def feed(item: Any) -> None:
+        if isinstance(item, torch.Tensor):
+            data = item.detach().to("cpu")
+            data = data.float() if data.is_floating_point() else data.long()
+            digest.update(f"tensor{tuple(item.shape)}{item.dtype}|".encode())
+            digest.update(data.contiguous().numpy().tobytes())
+        elif isinstance(item, dict):
+            digest.update(f"dict{len(item)}|".encode())
+            for key in sorted(item, key=repr):
+                feed(key)
+                feed(item[key])
+        elif isinstance(item, (list, tuple)):
+            digest.update(f"{type(item).__name__}{len(item)}|".encode())
+            for element in item:
+                feed(element)
+        elif isinstance(item, (bytes, bytearray)):
+            digest.update(f"bytes{len(item)}|".encode())
+            digest.update(item)
+        elif item is None or isinstance(item, (bool, int, float, str)):
+            digest.update(f"{type(item).__name__}:{item!r}|".encode())
+        else:
+            digest.update(f"object:{type(item).__module__}.{type(item).__qualname__}|".encode())
+
+    feed(value)
+    return digest.hexdigest()[:16]
+
+
+def input_differences(metadata: dict[str, Any], inputs: dict[str, Any]) -> list[str]:
+    """The names of ``inputs`` (what a search is made for: values and :func:`content_digest` s) whose
+    record in a preset's ``inputs`` differs; every name when the preset has no record (made by an
+    earlier version of the pack)."""
+    stored = metadata.get("inputs")
+    if not isinstance(stored, dict):
+        return list(inputs)
+    return [name for name, value in inputs.items() if name not in stored or stored[name] != value]
 
 
 def save_preset(path: Any, result: TuneResult, made_for: dict[str, Any], overwrite: bool = False) -> Any:
     """Write ``result``'s winner as a preset (safetensors; the trials as a tensor, the rest as metadata).
 
-    ``made_for`` holds ``model_fingerprint`` and :data:`PRESET_SCHEDULE_KEYS`. Atomic; refuses an
-    existing file unless ``overwrite``.
+    ``made_for`` holds ``model_fingerprint`` and :data:`PRESET_SCHEDULE_KEYS`, and ``inputs`` (for
+    :func:`input_differences`). The metadata also holds every trial and each method's best, so that
+    :meth:`TuneResult.from_dict` rebuilds the result from it. Atomic; refuses an existing file unless
+    ``overwrite``.
     """
     from .tensorfile import save_tensor_file
 
@@ -285,7 +440,8 @@ def save_preset(path: Any, result: TuneResult, made_for: dict[str, Any], overwri
     metadata = {"format": PRESET_FORMAT, "version": PRESET_VERSION, **made_for,
                 "target": result.target, "method": summary["method"], "settings": summary["settings"],
                 "evaluations": summary["evaluations"], "cfg_evaluations": result.cfg_evaluations,
-                "ssim_min": summary["ssim_min"], "samplings": result.samplings}
+                "ssim_min": summary["ssim_min"], "samplings": result.samplings,
+                "trials": summary["trials"], "best": summary["best"], "out_of_order": summary["out_of_order"]}
     trials = torch.tensor([[t.evaluations, t.worst, t.value] for t in result.trials] or [[0.0, 0.0, 0.0]],
                           dtype=torch.float32)
     return save_tensor_file(path, {"trials": trials}, metadata, overwrite=overwrite)
@@ -304,11 +460,21 @@ def load_preset(path: Any) -> dict[str, Any]:
                               "tune again to make it anew")
     with interpreting(path, "preset"):
         # everything the loader and its summary read, so that a hand-edited preset fails here, by name
-        for key in ("evaluations", "cfg_evaluations", "ssim_min", "target"):
+        for key in ("evaluations", "cfg_evaluations", "ssim_min", "target", "cfg"):
             if key in metadata and not is_finite_number(metadata[key]):
                 raise TensorFileError(f"{path} has {key} {metadata[key]!r}, not a number: tune again")
-        if "steps" in metadata and not (isinstance(metadata["steps"], int) and metadata["steps"] >= 1):
-            raise TensorFileError(f"{path} has steps {metadata['steps']!r}, not a step count: tune again")
+        for key in ("sampler", "scheduler"):
+            if key in metadata and not isinstance(metadata[key], str):
+                raise TensorFileError(f"{path} has {key} {metadata[key]!r}, not a name: tune again")
+        for key in ("steps", "end_at_step"):
+            if key in metadata and not (isinstance(metadata[key], int) and not isinstance(metadata[key], bool)
+                                        and metadata[key] >= 1):
+                raise TensorFileError(f"{path} has {key} {metadata[key]!r}, not a step count: tune again")
+        if "start_at_step" in metadata and not (isinstance(metadata["start_at_step"], int)
+                                                and 0 <= metadata["start_at_step"] < metadata.get("end_at_step", 0)
+                                                <= metadata.get("steps", 0)):
+            raise TensorFileError(f"{path} has the segment {metadata['start_at_step']!r}–"
+                                  f"{metadata.get('end_at_step')!r} of {metadata.get('steps')!r} steps: tune again")
         if method in ("ag", "compg"):
             policy_from_settings(method, settings)
         elif method == "linear_ag":
@@ -320,7 +486,6 @@ def load_preset(path: Any) -> dict[str, Any]:
             if not isinstance(metadata.get("linear_ag_calibration"), str):
                 raise TensorFileError(f"{path} does not name its LinearAG calibration file: tune again")
     return metadata
-
 
 
 def preset_mismatch(metadata: dict[str, Any], model_fingerprint: str | None, schedule: dict[str, Any]) -> str | None:

@@ -11,7 +11,7 @@ from fastguidance.adaptive_guidance import AdaptiveGuidance
 from fastguidance.compress_guidance import CompressGuidance
 from fastguidance.research.sampling import sample
 from fastguidance.schedules import DiscreteVPSchedule, make_sigmas
-from fastguidance.tune import (PRESET_FORMAT, TuneMethod, adaptive_guidance_method, bisection_trials,
+from fastguidance.tune import (PRESET_FORMAT, TuneMethod, TuneResult, adaptive_guidance_method, bisection_trials,
                                compress_guidance_method, fidelity, latents_as_images, load_preset,
                                policy_from_settings, preset_mismatch, save_preset, tune)
 from toy_models import ScriptedCosineModel
@@ -199,3 +199,122 @@ def test_a_file_that_is_not_a_valid_preset_is_refused_by_name(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 20)
     with pytest.raises(TensorFileError, match="junk.safetensors"):
         load_preset(tmp_path / "junk.safetensors")
+
+
+# -- the search's assumption, checked on the trials it ran ---------------------------------------------
+
+
+def dipping_fidelity(k, image):
+    """Falls by 0.01 per candidate, with a dip at k = 4 (0.90): the bisection tries 9 (0.91, fails), then 4
+    (fails), then 1, 2, 3 (pass); 9 kept more than the more conservative 4, and 5 (0.95) would have passed."""
+    return 0.90 if k == 4 else 1.0 - 0.01 * k
+
+
+def test_a_trial_out_of_order_is_reported_in_the_result_and_its_text():
+    result = tune(synthetic_sampler(dipping_fidelity, lambda k: 40.0 - k), [knob_method(range(20))],
+                  target=0.95, compare=compare_identity)
+    assert [trial.value for trial in result.trials] == [9, 4, 1, 2, 3]
+    assert result.best["ag"].value == 3  # the bisection's answer; 5 also met the target: it was missed
+    assert [(entry.trial.value, entry.conservative.value) for entry in result.out_of_order] == [(9, 4)]
+    text = result.text()
+    assert ("ag: out of order: threshold 9 kept a worst SSIM of 0.9100, more than the more conservative 4 (0.9000)"
+            in text) and "a setting beyond the one found may also meet the target" in text
+    assert result.to_dict()["out_of_order"] == [{"method": "ag", "value": 9.0, "worst": pytest.approx(0.91),
+                                                 "conservative_value": 4.0, "conservative_worst": pytest.approx(0.90)}]
+
+
+@pytest.mark.parametrize("boundary", [0, 7, 19])
+def test_a_monotone_trade_off_has_no_trial_out_of_order(boundary):
+    def fidelity_of(k, image):
+        return 1.0 - 0.05 * (k / (boundary + 0.5))
+    result = tune(synthetic_sampler(fidelity_of, lambda k: 40.0 - k), [knob_method(range(20))],
+                  target=0.95, compare=compare_identity)
+    assert result.out_of_order == [] and "out of order" not in result.text()
+
+
+def test_equal_fidelity_and_rounding_are_not_out_of_order():
+    # a plateau (AG cutting at the same step for two thresholds) and a rise below ORDER_TOLERANCE
+    from fastguidance.tune import ORDER_TOLERANCE, Trial, out_of_order
+    method = knob_method(range(4))
+    trials = [Trial("ag", 0, 40.0, [0.99], True), Trial("ag", 1, 39.0, [0.97], True),
+              Trial("ag", 2, 38.0, [0.97], True), Trial("ag", 3, 37.0, [0.97 + ORDER_TOLERANCE / 2], True)]
+    assert out_of_order(trials, {"ag": method}) == []
+    rising = trials[:3] + [Trial("ag", 3, 37.0, [0.97 + 2 * ORDER_TOLERANCE], True)]
+    assert [entry.trial.value for entry in out_of_order(rising, {"ag": method})] == [3]
+
+
+def chart_colours(image):
+    import numpy as np
+    return {tuple(int(v) for v in pixel) for pixel in np.asarray(image.convert("RGB")).reshape(-1, 3)}
+
+
+def test_a_trial_out_of_order_is_drawn_on_the_chart_in_a_colour_of_its_own():
+    from fastguidance.charts import PALETTE
+    from fastguidance.tune import tradeoff_figure
+    broken = tune(synthetic_sampler(dipping_fidelity, lambda k: 40.0 - k), [knob_method(range(20))],
+                  target=0.95, compare=compare_identity)
+    monotone = tune(synthetic_sampler(lambda k, i: 1.0 - 0.01 * k, lambda k: 40.0 - k), [knob_method(range(20))],
+                    target=0.95, compare=compare_identity)
+    # one method: its dots in PALETTE[0]; the trial out of order (and its legend entry) in PALETTE[1]
+    assert PALETTE[0] in chart_colours(tradeoff_figure(broken)) and PALETTE[0] in chart_colours(tradeoff_figure(monotone))
+    assert PALETTE[1] in chart_colours(tradeoff_figure(broken))
+    assert PALETTE[1] not in chart_colours(tradeoff_figure(monotone))
+
+
+# -- a search read back from its preset ----------------------------------------------------------------
+
+
+def test_a_preset_gives_back_the_search_it_holds(tmp_path):
+    # CompG's guided steps 20 down to 1 (candidate k = 20 − guided steps), with the dip of dipping_fidelity
+    method = TuneMethod("compg", "guided_steps", tuple(float(20 - k) for k in range(20)), KnobPolicy, integer=True)
+    result = tune(synthetic_sampler(lambda v, i: dipping_fidelity(20 - v, i), lambda v: 20.0 + v), [method],
+                  target=0.95, compare=compare_identity)
+    assert len(result.out_of_order) == 1
+    metadata = load_preset(save_preset(tmp_path / "p.safetensors", result, {**MADE_FOR, "inputs": {"seed": 1}}))
+    again = TuneResult.from_dict(metadata, [method])
+    assert again.trials == result.trials and again.best == result.best
+    assert (again.target, again.cfg_evaluations, again.samplings) == (result.target, result.cfg_evaluations,
+                                                                      result.samplings)
+    assert again.text() == result.text() and again.winner == result.winner
+    # trials another search could not have run (another list of settings) are refused
+    other = TuneMethod("compg", "guided_steps", (19.0, 10.0), KnobPolicy, integer=True)
+    with pytest.raises(ValueError, match="not among the searched settings"):
+        TuneResult.from_dict(metadata, [other])
+
+
+def test_content_digest_follows_the_content_only():
+    from fastguidance.tune import content_digest
+    tensor = torch.arange(6.0).reshape(2, 3)
+    conditioning = [[tensor, {"pooled_output": tensor[0], "strength": 1.0}]]
+    assert content_digest(conditioning) == content_digest([[tensor.clone(), {"strength": 1.0, "pooled_output": tensor[0].clone()}]])
+    changed = tensor.clone()
+    changed[1, 2] += 1e-3
+    assert content_digest(conditioning) != content_digest([[changed, {"pooled_output": tensor[0], "strength": 1.0}]])
+    assert content_digest(tensor) != content_digest(tensor.reshape(3, 2))  # the shape counts
+    assert content_digest(tensor) != content_digest(tensor.half())  # and the dtype
+    assert content_digest({"a": 1}) != content_digest({"a": 1.5}) and content_digest(None) != content_digest("None")
+    assert len(content_digest(b"bytes")) == 16 and content_digest(b"bytes") != content_digest(b"bytez")
+
+
+def test_input_differences_name_what_changed():
+    from fastguidance.tune import input_differences
+    inputs = {"seed": 3, "model": "abc", "positive": "d1"}
+    assert input_differences({"inputs": dict(inputs)}, inputs) == []
+    assert input_differences({"inputs": {**inputs, "seed": 4}}, inputs) == ["seed"]
+    assert input_differences({"inputs": {"seed": 3}}, inputs) == ["model", "positive"]
+    assert input_differences({}, inputs) == ["seed", "model", "positive"]  # a preset with no record
+
+
+def test_a_preset_of_a_segment_records_it_and_a_broken_segment_is_refused(tmp_path):
+    from fastguidance.tensorfile import save_tensor_file
+    result = small_result()
+    segment = {**MADE_FOR, "steps": 20, "start_at_step": 10, "end_at_step": 20}
+    metadata = load_preset(save_preset(tmp_path / "p.safetensors", result, segment))
+    assert (metadata["start_at_step"], metadata["end_at_step"], metadata["steps"]) == (10, 20, 20)
+    assert preset_mismatch(metadata, None, {"start_at_step": 0}) == "it was tuned for start_at_step 10 (this one is 0)"
+    for start, end in [(10, 10), (-1, 20), (10, 25), ("10", 20)]:
+        broken = save_tensor_file(tmp_path / f"b{start}{end}.safetensors", {"x": torch.zeros(1)},
+                                  {"format": PRESET_FORMAT, "version": 1, "method": "none", "settings": {},
+                                   "steps": 20, "start_at_step": start, "end_at_step": end})
+        with pytest.raises(TensorFileError, match="tune again"):
+            load_preset(broken)
