@@ -43,7 +43,7 @@ from ..fastguidance.validation import portable_file_name
 from . import model_folders, page_messages
 from .engine_patch import ENGINE_KEY, RUN_OBSERVER_KEY, install_policy
 from .model_identity import model_architecture, model_fingerprint
-from .validation import FILE_NAME, CrossRule, FileInput, check_inputs, validate
+from .validation import FILE_NAME, CrossRule, FileInput, ValidatedNode
 
 log = logging.getLogger("fastguidance")
 
@@ -417,7 +417,9 @@ def chart_image(result: TuneResult) -> torch.Tensor:
     return torch.from_numpy(np.asarray(tradeoff_figure(result).convert("RGB"), dtype=np.float32) / 255.0)[None]
 
 
-class TuneNode(io.ComfyNode):
+class TuneNode(ValidatedNode):
+    CHECKS = _TUNE_CHECKS
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -511,16 +513,11 @@ class TuneNode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, **values) -> bool | str:
-        return validate(cls, values, *_TUNE_CHECKS)
-
-    @classmethod
     def execute(cls, model, positive, negative, latent, seed: int, sampler_name: str, scheduler: str, steps: int,
                 cfg: float, target: float, tune_ag: bool, tune_compg: bool, filename: str, overwrite: bool,
                 linear_ag_calibration: str = NO_CALIBRATION, vae=None,
                 start_at_step: int = WHOLE_SCHEDULE["start_at_step"],
                 end_at_step: int = WHOLE_SCHEDULE["end_at_step"]) -> io.NodeOutput:
-        check_inputs(cls, locals(), *_TUNE_CHECKS)
         if model.model_options.get("transformer_options", {}).get(ENGINE_KEY) is not None:
             raise InvalidInputError("model", "a model with a FastGuidance patch",
                                     "connect the model before any FastGuidance node: Tune compares against plain CFG "
@@ -598,7 +595,9 @@ def preset_summary(name: str, metadata: dict) -> str:
 _PRESET_CHECKS = (FileInput("preset", model_folders.PRESETS, "make one with FastGuidance Tune", load_preset),)
 
 
-class LoadPresetNode(io.ComfyNode):
+class LoadPresetNode(ValidatedNode):
+    CHECKS = _PRESET_CHECKS
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -630,12 +629,7 @@ class LoadPresetNode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, **values) -> bool | str:
-        return validate(cls, values, *_PRESET_CHECKS)
-
-    @classmethod
     def execute(cls, model, preset: str, allow_other_model: bool, allow_other_schedule: bool) -> io.NodeOutput:
-        check_inputs(cls, locals(), *_PRESET_CHECKS)
         path = model_folders.existing_file(model_folders.PRESETS, preset, "preset", "make one with FastGuidance Tune")
         metadata = load_preset(path)
         mismatch = preset_mismatch(metadata, model_fingerprint(model), {})
