@@ -92,6 +92,11 @@ def attach_points(model: Any) -> dict[str, int]:
     return points
 
 
+def base_dtype(model) -> torch.dtype:
+    """The dtype the model computes in (its manual-cast dtype where weights are stored in another)."""
+    return getattr(model.model, "manual_cast_dtype", None) or model.model.get_dtype()
+
+
 def is_dit(points: dict[str, int]) -> bool:
     return next(iter(points)).startswith("double_block.")
 
