@@ -7,7 +7,7 @@ import logging
 from comfy_api.latest import io
 
 from ..fastguidance.errors import InvalidInputError
-from ..fastguidance.guidance_adapters.adapters import load_adapters
+from ..fastguidance.guidance_adapters.adapters import load_adapters, read_adapters_header
 from . import model_folders
 from .adapter_patch import attach_points, install_adapters, warn_outside_range
 from .model_identity import model_architecture, require_same_model
@@ -90,4 +90,7 @@ def check_made_for(model, adapter: str, metadata: dict, file_points: dict, allow
                        allow_other_model, "results may differ from CFG")
 
 
-_LOAD_CHECKS = (FileInput("adapter", model_folders.ADAPTERS, "train adapters with Train Guidance Adapter", load_adapters),)
+#: at queue time the file's header alone is read (its metadata, tensor names and shapes); ``execute`` loads it,
+#: values and all, once
+_LOAD_CHECKS = (FileInput("adapter", model_folders.ADAPTERS, "train adapters with Train Guidance Adapter",
+                          read_adapters_header),)

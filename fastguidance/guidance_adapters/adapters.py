@@ -33,12 +33,14 @@ import torch
 from torch import nn
 
 from ..errors import InvalidInputError, TensorFileError
-from ..tensorfile import interpreting, load_tensor_file, module_from_file, save_tensor_file
+from ..tensorfile import (interpreting, load_tensor_file, module_from_file, read_tensor_file_header,
+                          require_tensors_fit, save_tensor_file)
 from ..validation import is_finite_number
 
 ADAPTER_KINDS = ("cross_attention", "offset")
 FORMAT = "fastguidance.adapters"
 FORMAT_VERSION = 1
+MISSING_HINT = "train adapters for this model first"
 
 
 class FourierFeatures(nn.Module):
@@ -250,7 +252,26 @@ def save_adapters(adapters: GuidanceAdapters, path: str | Path, info: dict[str, 
 
 
 def load_adapters(path: str | Path) -> tuple[GuidanceAdapters, dict[str, Any]]:
-    tensors, metadata = load_tensor_file(path, FORMAT, FORMAT_VERSION, "train adapters for this model first")
+    """The adapters of a file and its metadata, every check made (the values' too: finite weights)."""
+    tensors, metadata = load_tensor_file(path, FORMAT, FORMAT_VERSION, MISSING_HINT)
+    spec = _spec_of(path, metadata)
+    adapters = module_from_file(path, "guidance adapter", lambda: GuidanceAdapters(spec), tensors)
+    return adapters.eval().requires_grad_(False), metadata
+
+
+def read_adapters_header(path: str | Path) -> dict[str, Any]:
+    """The metadata of an adapter file, with every check of :func:`load_adapters` that needs no tensor
+    value (format, version, spec, architecture, ω range, each tensor's name and shape): what the loader
+    node checks when a prompt is queued, reading the file's header only (a Wan 14B file holds about
+    480 MB of weights)."""
+    entries, metadata = read_tensor_file_header(path, FORMAT, FORMAT_VERSION, MISSING_HINT)
+    spec = _spec_of(path, metadata)
+    require_tensors_fit(path, "guidance adapter", lambda: GuidanceAdapters(spec), entries)
+    return metadata
+
+
+def _spec_of(path: str | Path, metadata: dict[str, Any]) -> AdapterSpec:
+    """The spec of an adapter file's metadata, or :class:`TensorFileError` saying what is wrong with it."""
     with interpreting(path, "guidance adapter"):
         spec = AdapterSpec(**metadata["spec"])
         if not isinstance(metadata.get("architecture"), str):
@@ -261,6 +282,4 @@ def load_adapters(path: str | Path) -> tuple[GuidanceAdapters, dict[str, Any]]:
                                             and omega_range[0] <= omega_range[1]):
             raise TensorFileError(f"{path} has an invalid omega_range {omega_range!r} (expected [low, high]): "
                                   "train it again")
-    adapters = module_from_file(path, "guidance adapter", lambda: GuidanceAdapters(spec), tensors)
-    return adapters.eval().requires_grad_(False), metadata
-
+    return spec

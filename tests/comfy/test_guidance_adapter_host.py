@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -177,6 +178,40 @@ def test_an_interrupted_training_keeps_a_checkpoint_and_resumes_from_it(host, ti
     assert steps_run == [4, 5] and not checkpoint.exists()
     _, metadata = pack_module(host, "fastguidance.guidance_adapters.adapters").load_adapters(adapter_folder / "tiny.safetensors")
     assert len(json.loads(json.dumps(metadata["loss_every_50"]))) == 1
+
+
+@pytest.fixture()
+def full_reads(host, monkeypatch):
+    """The file name of every full read (all tensors) of an adapter file during the test."""
+    adapters = pack_module(host, "fastguidance.guidance_adapters.adapters")
+    real, names = adapters.load_tensor_file, []
+    monkeypatch.setattr(adapters, "load_tensor_file",
+                        lambda path, *args, **kwargs: names.append(Path(path).name) or real(path, *args, **kwargs))
+    return names
+
+
+def test_queueing_a_prompt_reads_no_adapter_tensor_and_running_it_reads_the_file_once(host, tiny_model, trained,
+                                                                                      full_reads):
+    """validate_inputs (every queued prompt) checks the header alone (tests/test_adapter_files.py: no tensor
+    read, the same refusals bar non-finite weights); execute loads the file, once."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = trained[0]
+    node = host.node("FastGuidance_LoadGuidanceAdapter")
+    assert node.validate_inputs(adapter=path.name, use_sampler_cfg=True, guidance_scale=5.0, strength=1.0) is True
+    assert full_reads == []
+    load(host, tiny_model)
+    assert full_reads == [path.name]
+    # what the header cannot tell is refused when the node runs, naming the file
+    tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as handle:
+        header_metadata = handle.metadata()
+    next(iter(tensors.values())).view(-1)[0] = float("nan")
+    save_file(tensors, str(path.parent / "nan.safetensors"), metadata=header_metadata)
+    assert node.validate_inputs(adapter="nan.safetensors") is True
+    with pytest.raises(Exception, match="nan.safetensors: tensor .* NaN or infinite"):
+        load(host, tiny_model, "nan.safetensors")
 
 
 def test_loaded_adapters_cost_one_evaluation_per_step_with_ksampler(host, tiny_model, trained, runs):
