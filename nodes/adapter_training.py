@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import time
+from typing import Any, Iterator
 
 import comfy.model_management
 import comfy.samplers
@@ -152,6 +153,7 @@ class TrainGuidanceAdapterNode(io.ComfyNode):
         began = time.perf_counter()
         if has_adapters(model):
             raise InvalidInputError("model", "has guidance adapters", "connect the model without Load Guidance Adapter")
+        require_loadable_again(model)
         points = attach_points(model)
         lines = prompt_lines(prompts)
         path = model_folders.new_file(model_folders.ADAPTERS, filename, overwrite)
@@ -261,20 +263,18 @@ def train_adapters(model, spec: AdapterSpec, settings: TrainingSettings, store: 
 
     ``gradient_checkpointing``: DiT blocks recompute their activations in the backward pass
     (:func:`~fastguidance.guidance_adapters.training.recomputed_in_backward` through ``CHECKPOINT_KEY``); UNets ignore it."""
-    # the whole model on the device and everything else (text encoder, VAE) off it, as the host's own trainer does
-    comfy.model_management.load_models_gpu([model], memory_required=1e20, force_full_load=True)
-    device = model.load_device
-    with torch.inference_mode(False), torch.enable_grad():
+    with patcher_to_train_through(model) as (base, reloaded), torch.inference_mode(False), torch.enable_grad():
+        device = base.load_device
         torch.manual_seed(settings.seed)
         adapters = GuidanceAdapters(spec).to(device)
         # fp16 models: the loss is scaled so that gradients flowing back through fp16 activations do not underflow
-        half = base_dtype(model) == torch.float16 and device.type == "cuda"
+        half = base_dtype(base) == torch.float16 and device.type == "cuda"
         trainer = DistillationTrainer(adapters, settings, scaler=torch.amp.GradScaler("cuda") if half else None)
         if resume and os.path.exists(checkpoint_path):
             trainer.resume(checkpoint_path, identity)
             log.info("FastGuidance [agd]: resumed %s at step %d of %d", checkpoint_path, trainer.step, settings.steps)
             progress.update(trainer.step)
-        patched = attach(model, None)
+        patched = attach(base, None)
         base_options = patched.model_options["transformer_options"]
         if gradient_checkpointing and is_dit(spec.attach_points):
             base_options = {**base_options, CHECKPOINT_KEY: block_checkpointing()}
@@ -328,14 +328,56 @@ def train_adapters(model, spec: AdapterSpec, settings: TrainingSettings, store: 
                                         "with resume on "
                                         f"(checkpoint kept in {checkpoint_path})") from None
     adapters.cpu().eval().requires_grad_(False)
-    memory = {"weights_copied_bytes": copied}
+    memory = {"weights_copied_bytes": copied, **({"model_reloaded_bytes": reloaded} if reloaded else {})}
     if device.type == "cuda":
         memory["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)
         memory["memory_note"] = f"peak GPU memory {format_bytes(memory['peak_gpu_bytes'])}"
     else:
         memory["peak_process_bytes"] = _peak_process_bytes()
         memory["memory_note"] = f"peak process memory {format_bytes(memory['peak_process_bytes'])}"
+    if reloaded:
+        memory["memory_note"] += f"; the model loaded again for training (dynamic VRAM): {format_bytes(reloaded)}"
     return adapters, trainer, memory
+
+
+@contextlib.contextmanager
+def patcher_to_train_through(model) -> Iterator[tuple[Any, int]]:
+    """The ModelPatcher whose model the adapters are trained through, loaded whole on its device with everything
+    else (text encoder, VAE) off it, as the host's trainers do; and the bytes of the model loaded again for
+    it (0: none).
+
+    - A plain ``ModelPatcher`` (0.3.64; 0.33 on a CPU, or started with ``--disable-dynamic-vram``): the
+      user's own, as 0.3.64's trainer (``comfy_extras/nodes_train.py``: ``model.clone()``) trains through it.
+      Its weights are resident once loaded and the training changes none of them (:func:`trainable_weights`
+      copies those made under inference mode for the duration and puts them back).
+    - A ``ModelPatcherDynamic`` (0.33 on NVIDIA GPUs; ``comfy/model_patcher.py``): its ``load`` streams the
+      weights (``comfy/ops.py``, ``cast_modules_with_vbar``: each layer's weight is a view of VRAM that
+      ``uncast_bias_weight`` hands back to the allocator, ``vbar_unpin``, once the layer's forward is done),
+      so a weight autograd keeps for the backward pass may be evicted and overwritten before it runs; and
+      the views made while recording (under inference mode) are inference tensors, which autograd refuses
+      to keep. The host's own trainer does not train through the user's patcher either: it trains on
+      ``model.clone(force_deepcopy=True)``, the model loaded again from its file (``cached_patcher_init``)
+      under ``torch.inference_mode(False)``. Here the copy is ``model.clone(disable_dynamic=True)``, the
+      host's ``get_non_dynamic_delegate`` without keeping it: loaded again the same way, and a plain
+      ModelPatcher, so that ``force_full_load`` keeps every weight resident until the backward pass (the
+      host's ``force_deepcopy`` clone keeps the dynamic class: ``clone`` swaps in ``ModelPatcher`` only with
+      ``disable_dynamic``). It costs the model's size in RAM a second time, and VRAM for the whole model
+      while training; it is unloaded and dropped when training ends, also on interruption.
+    """
+    if not streams_weights(model):
+        comfy.model_management.load_models_gpu([model], memory_required=1e20, force_full_load=True)
+        yield model, 0
+        return
+    require_loadable_again(model)
+    with torch.inference_mode(False):  # the copy's weights are made trainable as they are, as the host's trainer's
+        copy = model.clone(disable_dynamic=True)
+        comfy.model_management.load_models_gpu([copy], memory_required=1e20, force_full_load=True)
+    try:
+        yield copy, copy.model_size()
+    finally:
+        loaded = comfy.model_management.current_loaded_models
+        comfy.model_management.free_memory(1e30, copy.load_device, keep_loaded=[entry for entry in loaded
+                                                                               if entry.model is not copy])
 
 
 def _peak_process_bytes() -> int:
@@ -349,3 +391,18 @@ def _peak_process_bytes() -> int:
         import psutil
 
         return psutil.Process().memory_info().rss
+
+def streams_weights(model) -> bool:
+    """Whether ``model`` is a ``ModelPatcherDynamic`` (0.33 on NVIDIA GPUs), whose weights are streamed."""
+    return hasattr(model, "is_dynamic") and model.is_dynamic()
+
+
+def require_loadable_again(model) -> None:
+    """A model that streams its weights is trained through a copy loaded again from its file
+    (:func:`patcher_to_train_through`): refused, before any work, where the host cannot do that."""
+    if streams_weights(model) and getattr(model, "cached_patcher_init", None) is None:
+        raise InvalidInputError("model", model_architecture(model),
+                                "it streams its weights (dynamic VRAM) and came from a loader ComfyUI cannot load "
+                                "again, so training cannot load a copy that keeps them: load it with ComfyUI's own "
+                                "loader (Load Checkpoint, Load Diffusion Model), or start ComfyUI with "
+                                "--disable-dynamic-vram")

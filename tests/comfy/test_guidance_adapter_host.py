@@ -140,6 +140,120 @@ def test_training_flows_through_a_model_loaded_under_inference_mode(host, loaded
     assert (adapter_folder / "tiny.safetensors").exists()
 
 
+class StreamedWeights(RuntimeError):
+    """Raised by :func:`streaming_double` when a forward pass with gradients runs through its weights."""
+
+
+def streaming_double(host, seed: int, reloaded: list, loader_known: bool = True):
+    """A tiny UNet in what the 0.33 host's loaders return on NVIDIA GPUs, a ``ModelPatcherDynamic``, as far as a
+    CPU allows: the host builds none there (:func:`test_the_host_builds_no_model_patcher_dynamic_on_a_cpu`).
+
+    Kept from the host's class (comfy/model_patcher.py): ``is_dynamic`` (its own method); ``clone``, which it
+    does not override: a clone is of the same class, and ``clone(disable_dynamic=True)`` a plain ModelPatcher
+    built by ``cached_patcher_init`` called with ``disable_dynamic=True``, as the loaders set it
+    (comfy/sd.py; here it builds the same tiny UNet and appends a weak reference to it to ``reloaded``;
+    ``loader_known`` False: none, as from a custom loader). Its weights are made under inference mode, as the
+    loaders make them. What its streamed weights cannot do on a GPU, carry a backward pass
+    (``nodes/adapter_training.py``, ``patcher_to_train_through``), is refused: a forward pass through its
+    model with gradients enabled raises :class:`StreamedWeights`.
+    """
+    import weakref
+
+    import comfy.model_patcher
+
+    class StreamingDouble(comfy.model_patcher.ModelPatcher):
+        is_dynamic = comfy.model_patcher.ModelPatcherDynamic.is_dynamic
+
+    def load_again(seed: int, disable_dynamic: bool = False):
+        assert disable_dynamic and not torch.is_inference_mode_enabled()
+        plain = host_models.patcher(host_models.tiny_model(seed=seed))
+        reloaded.append(weakref.ref(plain.model))
+        return plain
+
+    def refuse_gradients(module, args):
+        if torch.is_grad_enabled():
+            raise StreamedWeights("a forward pass with gradients through a model whose weights are streamed")
+
+    with torch.inference_mode():
+        model = host_models.tiny_model(seed=seed)
+    model.diffusion_model.register_forward_pre_hook(refuse_gradients)
+    double = StreamingDouble(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    double.cached_patcher_init = (load_again, (seed,)) if loader_known else None
+    return double
+
+
+@pytest.fixture()
+def dynamic_vram(host):
+    import comfy.model_patcher
+
+    if not hasattr(comfy.model_patcher, "ModelPatcherDynamic"):
+        pytest.skip("this host has no dynamic VRAM (ModelPatcherDynamic came after 0.3.64)")
+
+
+def test_the_host_builds_no_model_patcher_dynamic_on_a_cpu(host, dynamic_vram):
+    """Why :func:`streaming_double`: for a CPU load device ``ModelPatcherDynamic(...)`` returns a plain
+    ModelPatcher (its ``__new__``), and for another device its ``__init__`` needs comfy-aimdo's native
+    library, which does not load without a GPU."""
+    import comfy.model_patcher
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the host's own class can be built")
+    model = host_models.tiny_model(seed=0)
+    cpu = torch.device("cpu")
+    assert type(comfy.model_patcher.ModelPatcherDynamic(model, cpu, cpu)) is comfy.model_patcher.ModelPatcher
+    with pytest.raises(AttributeError, match="hostbuf_allocate"):
+        comfy.model_patcher.ModelPatcherDynamic(model, torch.device("cuda", 0), cpu)
+
+
+def test_a_model_that_streams_its_weights_is_trained_through_a_copy_loaded_again(host, dynamic_vram, adapter_folder,
+                                                                                training_steps):
+    """As the host's trainer does (comfy_extras/nodes_train.py: ``model.clone(force_deepcopy=True)``): the model
+    loaded again from its file under ``inference_mode(False)``, here a plain ModelPatcher kept whole on the
+    device; the user's model records the trajectories and never carries a gradient; the copy is unloaded and
+    dropped after training; the file is the user's model's (fingerprint)."""
+    import gc
+
+    import comfy.model_management
+
+    reloaded = []
+    model = streaming_double(host, seed=0, reloaded=reloaded)
+    parameters = dict(model.model.diffusion_model.named_parameters())
+    flag_before = host_training_flag()
+    with torch.inference_mode():  # how the executor runs nodes
+        train(host, model)
+    assert_adapters_trained(training_steps, flag_before)
+    assert len(reloaded) == 1
+    _, metadata = pack_module(host, "fastguidance.guidance_adapters.adapters").load_adapters(
+        adapter_folder / "tiny.safetensors")
+    assert metadata["model_fingerprint"] == pack_module(host, "nodes.model_identity").model_fingerprint(model)
+    assert metadata["model_reloaded_bytes"] == model.model_size()
+    assert metadata["weights_copied_bytes"] == 0  # the copy's weights were made trainable: nothing copied again
+    assert dict(model.model.diffusion_model.named_parameters()) == parameters
+    gc.collect()
+    assert reloaded[0]() is None
+    assert all(entry.real_model is None or entry.real_model() is not None
+               for entry in comfy.model_management.current_loaded_models)
+
+
+def test_a_model_that_streams_its_weights_from_a_loader_the_host_cannot_repeat_is_refused_before_recording(
+        host, dynamic_vram, adapter_folder, monkeypatch):
+    recording = pack_module(host, "nodes.adapter_training")
+    monkeypatch.setattr(recording, "record_trajectories", lambda *args: pytest.fail("recorded before refusing"))
+    with pytest.raises(Exception, match="model = .*dynamic VRAM.*--disable-dynamic-vram"):
+        train(host, streaming_double(host, seed=0, reloaded=[], loader_known=False))
+
+
+def test_a_model_that_keeps_its_weights_is_trained_through_itself(host, tiny_model, adapter_folder):
+    """0.3.64, and 0.33 on a CPU or with --disable-dynamic-vram: no copy (as 0.3.64's own trainer: ``model.clone()``)."""
+    model = tiny_model.clone()
+    model.cached_patcher_init = (lambda *args, **kwargs: pytest.fail("the model was loaded again"), ())
+    with torch.inference_mode():
+        train(host, model)
+    _, metadata = pack_module(host, "fastguidance.guidance_adapters.adapters").load_adapters(
+        adapter_folder / "tiny.safetensors")
+    assert "model_reloaded_bytes" not in metadata
+
+
 def test_trainer_validates_its_inputs(host):
     node = host.node("FastGuidance_TrainGuidanceAdapter")
     assert "prompts" in node.validate_inputs(prompts=" \n")
