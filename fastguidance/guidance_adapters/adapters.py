@@ -93,7 +93,8 @@ class OffsetAdapter(nn.Module):
         self.out = _xavier(nn.Linear(hidden, channels), gain=0.1)
 
     def delta(self, n: torch.Tensor, embedding: torch.Tensor, tokens=None, mask=None) -> torch.Tensor:
-        return self.out(torch.nn.functional.silu(self.hidden(embedding))).unsqueeze(1)
+        hidden = self.hidden(embedding.to(self.hidden.weight.dtype))
+        return self.out(torch.nn.functional.silu(hidden)).unsqueeze(1)
 
     def forward(self, n: torch.Tensor, embedding: torch.Tensor, tokens=None, mask=None) -> torch.Tensor:
         return n + self.delta(n, embedding, tokens, mask).to(n.dtype)
@@ -116,15 +117,16 @@ class CrossAttentionAdapter(nn.Module):
     def delta(self, n: torch.Tensor, embedding: torch.Tensor, tokens: torch.Tensor,
               mask: torch.Tensor | None = None) -> torch.Tensor:
         batch, length, _ = n.shape
-        q = self.query(n.float()) + self.embed(embedding).unsqueeze(1)
-        k, v = self.key(tokens.float()), self.value(tokens.float())
+        dtype = self.query.weight.dtype  # the projections' dtype (GuidanceAdapters.compute_in)
+        q = self.query(n.to(dtype)) + self.embed(embedding.to(dtype)).unsqueeze(1)
+        k, v = self.key(tokens.to(dtype)), self.value(tokens.to(dtype))
 
-        def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.reshape(t.shape[0], t.shape[1], self.heads, -1).transpose(1, 2)
+        def heads(t: torch.Tensor) -> torch.Tensor:  # the attention itself in fp32, whatever the projections'
+            return t.float().reshape(t.shape[0], t.shape[1], self.heads, -1).transpose(1, 2)
 
         attn_mask = None if mask is None else mask.bool()[:, None, None, :]
         attended = torch.nn.functional.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=attn_mask)
-        return self.out(attended.transpose(1, 2).reshape(batch, length, -1))
+        return self.out(attended.transpose(1, 2).reshape(batch, length, -1).to(dtype))
 
     def forward(self, n: torch.Tensor, embedding: torch.Tensor, tokens: torch.Tensor,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -167,6 +169,32 @@ class GuidanceAdapters(nn.Module):
 
     def count_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def compute_in(self, dtype: torch.dtype) -> "GuidanceAdapters":
+        """Run the adapters of the attach points in ``dtype`` (their weights cast once, in place): a bf16 or fp16
+        model's own, so that they take half the memory and no attach point converts the model's activations
+        (its full width) to fp32 and back. Two parts stay in fp32, both small: the conditioner, which runs once
+        per call on ``[B]`` values and whose Fourier features of ``ω`` and ``log σ`` reach angles of
+        ``2π·2·30 ≈ 377`` rad, which bf16's 8-bit mantissa would get wrong by more than a radian; and the
+        cross-attention adapters' attention (logits and softmax, at the adapters' width), where bf16 logits of
+        a few tens err by tenths. Tolerances, stated and checked by tests: the bundled adapters' images
+        (tests/test_adapters.py) and every attach point's output on a bf16 and an fp16 host model
+        (tests/comfy/test_guidance_adapter_host.py) within 3% of fp32's; ``benchmarks/adapter_precision.py``
+        sets what they move a host model's sampling beside what the model's own precision moves it."""
+        self.adapters.to(dtype)
+        return self
+
+    def copy_on(self, device: torch.device | str) -> "GuidanceAdapters":
+        """A copy of the adapters on ``device`` for one use, this module left where it is: what a host that
+        loaded only part of them (its offload device holds the rest) needs for one model call, as it copies
+        the weights of the layers it could not load for each call. Its weights keep their dtypes."""
+        with torch.device("meta"):
+            copy = GuidanceAdapters(self.spec)
+        copy.load_state_dict({name: tensor.to(device) for name, tensor in self.state_dict().items()}, assign=True)
+        for name, buffer in self.named_buffers():  # computed constants, not in the state dict
+            owner, _, key = name.rpartition(".")
+            copy.get_submodule(owner)._buffers[key] = buffer.to(device)
+        return copy.eval().requires_grad_(False)
 
     def bind(self, omega: torch.Tensor, sigma: torch.Tensor, tokens: torch.Tensor, pooled: torch.Tensor | None = None,
              mask: torch.Tensor | None = None, row_scale: torch.Tensor | float | None = None) -> "BoundAdapters":

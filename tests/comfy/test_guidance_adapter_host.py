@@ -384,6 +384,115 @@ def test_adapter_weights_live_in_their_own_model_patcher_shared_by_clones(host, 
         load(host, model)
 
 
+def test_the_adapters_patcher_is_of_the_class_the_hosts_loaders_use(host, tiny_model, trained, monkeypatch):
+    """``comfy.model_patcher.CoreModelPatcher``: what 0.33's main.py makes ``ModelPatcherDynamic`` on NVIDIA GPUs
+    and its own patch models use (comfy_extras/nodes_model_patch.py); 0.3.64 has none: ``ModelPatcher``."""
+    import comfy.model_patcher
+
+    class HostsCore(comfy.model_patcher.ModelPatcher):
+        pass
+
+    if not hasattr(comfy.model_patcher, "CoreModelPatcher"):
+        assert type(load(host, tiny_model).model_patches_models()[0]) is comfy.model_patcher.ModelPatcher
+        return
+    monkeypatch.setattr(comfy.model_patcher, "CoreModelPatcher", HostsCore)
+    assert type(load(host, tiny_model).model_patches_models()[0]) is HostsCore
+
+
+def test_the_pack_never_moves_the_adapters_a_call_on_another_device_uses_a_copy(host, tiny_model):
+    """Where the host left the adapters on another device than the call's (a partial load keeps plain modules on
+    its offload device): the call's adapters are a copy on the call's device and the module stays where the
+    host put it. Here the call runs on the meta device (shapes only), the one device besides the CPU a CPU has."""
+    from test_host_sync_host import random_adapters
+
+    adapter_patch = pack_module(host, "nodes.adapter_patch")
+    model = adapter_patch.install_adapters(tiny_model, random_adapters(host, tiny_model), 5.0, 1.0, None, None)
+    settings = model.model_options["transformer_options"][adapter_patch.SETTINGS_KEY]
+    adapters = settings.weights.model
+    placed = {name: (tensor.device, tensor.data_ptr()) for name, tensor in adapters.state_dict().items()}
+    seen = []
+
+    def executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+        seen.append(transformer_options[adapter_patch.BOUND_KEY])
+        return x
+
+    meta = torch.device("meta")
+    adapter_patch.adapter_apply_model(executor, torch.zeros(1, 4, 8, 8, device=meta), torch.ones(1, device=meta),
+                                      c_crossattn=torch.zeros(1, 77, 64, device=meta),
+                                      transformer_options={adapter_patch.SETTINGS_KEY: settings,
+                                                           "cond_or_uncond": [0]})
+    assert {name: (tensor.device, tensor.data_ptr()) for name, tensor in adapters.state_dict().items()} == placed
+    assert seen[0].adapters is not adapters and seen[0].embedding.device == meta
+
+
+def test_the_host_loads_the_adapters_with_the_model_and_unloading_leaves_none_on_the_load_device(host, tiny_model,
+                                                                                                trained):
+    """After sampling the adapters' patcher is among the host's loaded models; after the host unloads (as when
+    memory is needed), every adapter tensor is on its offload device. On a CPU both devices are the CPU: there
+    this checks the host's accounting; on a GPU also that nothing of the adapters is left in VRAM."""
+    import comfy.model_management
+
+    model = load(host, tiny_model)
+    weights = model.model_patches_models()[0]
+    positive, negative = make_conds()
+    ksampler(host, model, positive, negative, cfg=6.0, steps=3)
+    assert any(entry.model is weights for entry in comfy.model_management.current_loaded_models)
+    comfy.model_management.unload_all_models()
+    assert not any(entry.model is weights for entry in comfy.model_management.current_loaded_models)
+    devices = {tensor.device for tensor in [*weights.model.parameters(), *weights.model.buffers()]}
+    assert devices == {torch.device(weights.offload_device)}
+    assert weights.model.model_loaded_weight_memory == 0
+
+
+def half_precision_model(dtype: torch.dtype):
+    """The tiny UNet (same seeded values) built in ``dtype``, as the host builds a bf16 or fp16 checkpoint."""
+    import comfy.supported_models
+
+    model = comfy.supported_models.SD15({**host_models.tiny_unet_config(), "dtype": dtype}).get_model({})
+    host_models.seeded_weights(model, 0, attn2_std=0.1, std=0.05)
+    return host_models.patcher(model)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_adapters_run_in_a_half_precision_models_dtype_within_tolerance(host, tiny_model, trained, monkeypatch, dtype):
+    """On a bf16 or fp16 model the attach points' adapters are cast to its dtype (half their memory, no conversion
+    of the model's activations to fp32 and back at every attach point); the conditioner and the adapters'
+    attention stay fp32. Tolerance: at every attach point of a sampling (KSampler, 6 steps), the adapter's
+    output is within 3% (relative norm) of the fp32 adapter's on the same input (measured at most 1.5% in bf16,
+    0.16% in fp16). An fp32 model keeps fp32 adapters (the parity tests above)."""
+    adapters_core = pack_module(host, "fastguidance.guidance_adapters.adapters")
+    adapter_patch = pack_module(host, "nodes.adapter_patch")
+    model = half_precision_model(dtype)
+
+    def adapters():
+        loaded = adapters_core.load_adapters(trained[0])[0]
+        with torch.no_grad():  # six training steps leave them near their start: make what they add count
+            for adapter in loaded.adapters.values():
+                adapter.out.weight.mul_(20.0)
+        return loaded
+
+    in_model_dtype = adapter_patch.install_adapters(model, adapters(), 5.0, 1.0, None, None)
+    in_fp32 = adapter_patch.install_adapters(model, adapters(), 5.0, 1.0, None, None, compute_dtype=torch.float32)
+    weights, fp32_weights = in_model_dtype.model_patches_models()[0], in_fp32.model_patches_models()[0]
+    assert {p.dtype for p in weights.model.adapters.parameters()} == {dtype}
+    assert {p.dtype for p in weights.model.conditioner.parameters()} == {torch.float32}
+    half_bytes = sum(p.numel() for p in weights.model.adapters.parameters()) * 2  # what the cast saved
+    assert fp32_weights.model_size() - weights.model_size() == half_bytes
+    calls, bound_call = [], adapters_core.BoundAdapters.__call__
+    monkeypatch.setattr(adapters_core.BoundAdapters, "__call__",
+                        lambda bound, name, n: calls.append((bound, name, n)) or bound_call(bound, name, n))
+    positive, negative = make_conds()
+    ksampler(host, in_model_dtype, positive, negative, cfg=6.0, steps=6)
+    assert len(calls) == 6 * len(weights.model.adapters) and {n.dtype for _, _, n in calls} == {dtype}
+    with torch.no_grad():
+        for bound, name, n in calls:
+            key = name.replace(".", "__")
+            half = bound.adapters.adapters[key].delta(n, bound.embedding, bound.tokens, bound.mask)
+            full = fp32_weights.model.adapters[key].delta(n, bound.embedding, bound.tokens, bound.mask)
+            assert half.dtype == dtype and ((half.float() - full).norm() / full.norm()).item() < 0.03, name
+    assert {p.dtype for p in load(host, tiny_model).model_patches_models()[0].model.parameters()} == {torch.float32}
+
+
 def test_adapters_of_another_model_or_architecture_are_refused(host, tiny_model, trained, caplog):
     path = trained[0]
     adapters_module = pack_module(host, "fastguidance.guidance_adapters.adapters")
