@@ -310,11 +310,11 @@ def adapter_apply_model(executor, x, t, c_concat=None, c_crossattn=None, control
     if not any(conditional_rows(cond_or_uncond, x.shape[0], settings.strength)):  # uncond only: the plain model
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
     adapters: GuidanceAdapters = settings.weights.model
-    if next(adapters.parameters()).device != x.device:
+    if any(parameter.device != x.device for parameter in adapters.parameters()):
         # the host places the adapters (their ModelPatcher is reported through the patches' models()); a
-        # partial load (low VRAM, --novram) leaves plain modules on its offload device: use a copy for this
-        # call, as the host copies the weights of layers it could not load, and leave the module where the
-        # host's accounting says it is
+        # partial load (low VRAM, --novram) leaves some or all plain modules on its offload device: use a
+        # copy for this call, as the host copies the weights of layers it could not load, and leave the
+        # module where the host's accounting says it is
         adapters = adapters.copy_on(x.device)
     bound = bind_adapters(adapters, omega, t, c_crossattn, kwargs,
                           adapter_row_scale(cond_or_uncond, x.shape[0], settings.strength, x.device))
