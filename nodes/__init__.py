@@ -7,7 +7,8 @@ from comfy_api.latest import ComfyExtension, io
 from .adaptive_guidance import AdaptiveGuidanceNode, AdaptiveGuiderNode
 from .compare_images import CompareImagesNode
 from .compress_guidance import CompressGuidanceNode, CompressGuiderNode
-from .guidance_adapter import LoadGuidanceAdapterNode, TrainGuidanceAdapterNode
+from .adapter_loading import LoadGuidanceAdapterNode
+from .adapter_training import TrainGuidanceAdapterNode
 from .linear_ag import LinearAGCalibrateNode, LinearAGNode
 from .step_predictor import StepPredictorNode, TrainStepPredictorNode
 from .tune import LoadPresetNode, TuneNode

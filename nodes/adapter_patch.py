@@ -13,8 +13,9 @@ At run time an ``APPLY_MODEL`` wrapper binds the adapters once per model call (t
 reads ``ω``, the sigma, the prompt tokens and the model's pooled vector ``y`` where it has one) and
 passes the bound object to the attach points in a copy of ``transformer_options``. The adapters act
 on the conditional rows only; an uncond in the same batch stays the plain model. Adapter weights
-live in their own ModelPatcher, returned by the patches' ``models()``, so the host loads, offloads
-and casts them with the model; the patch objects are shared, not copied, when a MODEL is cloned.
+live in their own ModelPatcher, returned by the patches' ``models()``, so the host loads and offloads
+them with the model (nothing here moves them); they run in the model's dtype where it is bf16 or fp16.
+The patch objects are shared, not copied, when a MODEL is cloned.
 """
 
 from __future__ import annotations
@@ -90,6 +91,19 @@ def attach_points(model: Any) -> dict[str, int]:
         raise InvalidInputError("model", model_architecture(model),
                                 f"guidance adapters attach to {SUPPORTED}; this model has no such attach point")
     return points
+
+
+def base_dtype(model) -> torch.dtype:
+    """The dtype the model computes in (its manual-cast dtype where weights are stored in another)."""
+    return getattr(model.model, "manual_cast_dtype", None) or model.model.get_dtype()
+
+
+def adapter_dtype(model: Any) -> torch.dtype:
+    """The dtype the adapters run in on ``model``: its compute dtype where that is bf16 or fp16 (within the
+    tolerance ``tests/test_adapters.py`` states: ``test_adapters_in_half_precision_stay_close_to_fp32``), else
+    fp32. The conditioner stays fp32 in every case (``GuidanceAdapters.compute_in``)."""
+    dtype = base_dtype(model)
+    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
 def is_dit(points: dict[str, int]) -> bool:
@@ -207,12 +221,22 @@ def has_adapters(model: Any) -> bool:
 
 
 def install_adapters(model: Any, adapters: GuidanceAdapters, omega: float | None, strength: float,
-                     omega_range: tuple[float, float] | None, node_id: str | None) -> Any:
-    """The MODEL whose every model call is one adapted, guided evaluation (engine action ``ADAPTER``)."""
+                     omega_range: tuple[float, float] | None, node_id: str | None,
+                     compute_dtype: torch.dtype | None = None) -> Any:
+    """The MODEL whose every model call is one adapted, guided evaluation (engine action ``ADAPTER``).
+
+    The adapters run in ``compute_dtype`` (default :func:`adapter_dtype`: the model's own where it is bf16 or
+    fp16), cast once here. Their weights get their own ModelPatcher, of the class the host's loaders and its
+    own patch models use (``comfy.model_patcher.CoreModelPatcher``: ``ModelPatcherDynamic`` on 0.33 with an
+    NVIDIA GPU, which puts plain modules' weights on the device whole at every load; a ``ModelPatcher``
+    elsewhere): reported through the patches' ``models()``, the host loads, offloads and accounts for them
+    with the model."""
     if has_adapters(model):
         raise InvalidInputError("model", "already has guidance adapters",
                                 "connect the model before its first Load Guidance Adapter node")
-    weights = comfy.model_patcher.ModelPatcher(adapters, load_device=model.load_device, offload_device=model.offload_device)
+    adapters.compute_in(compute_dtype or adapter_dtype(model))
+    patcher_class = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
+    weights = patcher_class(adapters, load_device=model.load_device, offload_device=model.offload_device)
     patched = attach(model, weights)
     patched.model_options["transformer_options"][SETTINGS_KEY] = AdapterSettings(weights, omega, strength, omega_range)
     patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)
@@ -286,10 +310,12 @@ def adapter_apply_model(executor, x, t, c_concat=None, c_crossattn=None, control
     if not any(conditional_rows(cond_or_uncond, x.shape[0], settings.strength)):  # uncond only: the plain model
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
     adapters: GuidanceAdapters = settings.weights.model
-    if next(adapters.parameters()).device != x.device:
-        # the host loads the adapters with the model (patches' models()); a partial load can leave a plain
-        # module behind: follow the data rather than fail on a device mismatch
-        adapters.to(x.device)
+    if any(parameter.device != x.device for parameter in adapters.parameters()):
+        # the host places the adapters (their ModelPatcher is reported through the patches' models()); a
+        # partial load (low VRAM, --novram) leaves some or all plain modules on its offload device: use a
+        # copy for this call, as the host copies the weights of layers it could not load, and leave the
+        # module where the host's accounting says it is
+        adapters = adapters.copy_on(x.device)
     bound = bind_adapters(adapters, omega, t, c_crossattn, kwargs,
                           adapter_row_scale(cond_or_uncond, x.shape[0], settings.strength, x.device))
     return executor(x, t, c_concat, c_crossattn, control, {**transformer_options, BOUND_KEY: bound}, **kwargs)

@@ -1,20 +1,24 @@
 """AGD core: Fourier encoding, adapter shapes and size, the CFG target, and a short training that lowers the loss."""
 
 import contextlib
+import copy
 import dataclasses
+import math
 
 import pytest
 import torch
 
 from fastguidance.guidance_adapters.adapters import (AdapterSpec, CrossAttentionAdapter, FourierFeatures,
                                                      GuidanceAdapters, OffsetAdapter, cfg_target, distillation_loss,
-                                                     prompt_vector)
+                                                     load_adapters, prompt_vector)
 from fastguidance.guidance_adapters.training import (DistillationTrainer, TrainingSettings, TrajectoryStore,
                                                      recomputed_in_backward, train_on_store, trajectory_bytes)
 from fastguidance.errors import FastGuidanceError, InvalidInputError
-from fastguidance.research.reference.adapters import (adapter_spec, attach_points, collect_trajectories,
-                                                      single_pass_noise, train_adapters)
-from fastguidance.research.reference.weights import load_model
+from fastguidance.research.reference.adapters import (SinglePassModel, adapter_spec, attach_points,
+                                                      collect_trajectories, single_pass_noise, train_adapters)
+from fastguidance.research.reference.weights import ADAPTERS_PATH, load_model
+from fastguidance.research.sampling import sample
+from fastguidance.schedules import make_sigmas
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +100,64 @@ def test_row_scale_scales_each_samples_adapter_output_and_zero_leaves_it_unchang
     scaled = adapters.bind(omega, sigma, tokens, pooled, row_scale=torch.tensor([0.5, 0.0]))("a", n)
     assert torch.allclose(scaled[0], n[0] + 0.5 * (full[0] - n[0]), atol=1e-6)
     assert torch.equal(scaled[1], n[1])
+
+
+@pytest.fixture(scope="module")
+def adapted_images(model):
+    """``images(adapters, ω)``: the reference model with ``adapters`` sampled for two prompts (Euler, 8 Karras
+    steps, seeded noise), flattened; the bundled adapters; their images at ω 5 and ω 0 (adapters off)."""
+    adapters, _ = load_adapters(ADAPTERS_PATH)
+    prompts = ["a red circle at the top left", "two blue squares at the bottom"]
+    cond, empty = model.encode(prompts), model.encode([""] * len(prompts))
+    noise = torch.randn(len(prompts), 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    sigmas = make_sigmas(model.schedule, "karras", 8)
+
+    def images(adapters, omega=5.0):
+        with torch.no_grad():
+            return sample(SinglePassModel(model, adapters, omega), noise, sigmas, cond, empty, 1.0).latent.flatten(1)
+
+    return images, adapters, images(adapters), images(adapters, 0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_adapters_in_half_precision_stay_close_to_fp32(adapted_images, dtype):
+    """Tolerance of ``GuidanceAdapters.compute_in``: the bundled adapters with their attach points in ``dtype``
+    and in fp32 give images that differ by less than 3% of the guidance the adapters add
+    (``‖half − fp32‖ / ‖ω 5 − ω 0‖`` per image; measured here at most 0.90% in bf16 and 0.087% in fp16, and
+    1.4% and 0.12% over four prompts and 20 steps)."""
+    images, adapters, full, unguided = adapted_images
+    half = images(copy.deepcopy(adapters).compute_in(dtype))
+    assert ((half - full).norm(dim=1) / (full - unguided).norm(dim=1)).max() < 0.03
+    assert not torch.equal(half, full)  # the adapters did run in half precision
+
+
+def test_the_conditioner_stays_in_fp32_where_half_precision_would_misplace_its_features():
+    """``compute_in`` casts the attach points' adapters only: the Fourier features of ω (angles up to
+    2π·2·30 rad) computed in bf16 would be off by more than 0.5, in fp32 they are exact to 1e-4."""
+    adapters = GuidanceAdapters(AdapterSpec({"a": 8}, 8, 8, hidden=8, embed_dim=8)).compute_in(torch.bfloat16)
+    assert {p.dtype for p in adapters.conditioner.parameters()} == {torch.float32}
+    assert {p.dtype for p in adapters.adapters.parameters()} == {torch.bfloat16}
+    omega = torch.linspace(1.0, 30.0, 60)
+    features = adapters.conditioner.omega_features
+    exact = 2 * math.pi * omega.double()[:, None] * features.frequencies.double()
+    in_bf16 = 2 * math.pi * omega.bfloat16()[:, None] * features.frequencies.bfloat16()
+    assert (features(omega).double() - torch.cat([exact.sin(), exact.cos()], 1)).abs().max() < 1e-4
+    assert (torch.cat([in_bf16.sin(), in_bf16.cos()], 1).double() - torch.cat([exact.sin(), exact.cos()], 1)) \
+        .abs().max() > 0.5
+
+
+def test_a_copy_on_a_device_leaves_the_adapters_where_they_are_and_computes_the_same():
+    adapters = GuidanceAdapters(AdapterSpec({"a": 8}, 6, 0, hidden=8, embed_dim=16)).compute_in(torch.bfloat16)
+    before = {name: tensor for name, tensor in adapters.state_dict().items()}
+    n, tokens, omega, sigma = torch.randn(2, 5, 8), torch.randn(2, 3, 6), torch.tensor([4.0, 2.0]), torch.ones(2)
+    copy_here = adapters.copy_on("cpu")
+    assert torch.equal(copy_here.bind(omega, sigma, tokens)("a", n), adapters.bind(omega, sigma, tokens)("a", n))
+    on_meta = adapters.copy_on("meta")
+    assert {t.device.type for t in [*on_meta.parameters(), *on_meta.buffers()]} == {"meta"}
+    assert {name: t.dtype for name, t in on_meta.state_dict().items()} == {name: t.dtype for name, t in before.items()}
+    assert on_meta.bind(omega.to("meta"), sigma.to("meta"), tokens.to("meta"))("a", n.to("meta")).device.type == "meta"
+    assert all(adapters.state_dict()[name].data_ptr() == tensor.data_ptr() and tensor.device.type == "cpu"
+               for name, tensor in before.items())
 
 
 def test_prompt_vector_is_the_pooled_vector_or_the_token_mean():

@@ -33,12 +33,14 @@ import torch
 from torch import nn
 
 from ..errors import InvalidInputError, TensorFileError
-from ..tensorfile import interpreting, load_tensor_file, module_from_file, save_tensor_file
+from ..tensorfile import (interpreting, load_tensor_file, module_from_file, read_tensor_file_header,
+                          require_tensors_fit, save_tensor_file)
 from ..validation import is_finite_number
 
 ADAPTER_KINDS = ("cross_attention", "offset")
 FORMAT = "fastguidance.adapters"
 FORMAT_VERSION = 1
+MISSING_HINT = "train adapters for this model first"
 
 
 class FourierFeatures(nn.Module):
@@ -91,7 +93,8 @@ class OffsetAdapter(nn.Module):
         self.out = _xavier(nn.Linear(hidden, channels), gain=0.1)
 
     def delta(self, n: torch.Tensor, embedding: torch.Tensor, tokens=None, mask=None) -> torch.Tensor:
-        return self.out(torch.nn.functional.silu(self.hidden(embedding))).unsqueeze(1)
+        hidden = self.hidden(embedding.to(self.hidden.weight.dtype))
+        return self.out(torch.nn.functional.silu(hidden)).unsqueeze(1)
 
     def forward(self, n: torch.Tensor, embedding: torch.Tensor, tokens=None, mask=None) -> torch.Tensor:
         return n + self.delta(n, embedding, tokens, mask).to(n.dtype)
@@ -114,15 +117,16 @@ class CrossAttentionAdapter(nn.Module):
     def delta(self, n: torch.Tensor, embedding: torch.Tensor, tokens: torch.Tensor,
               mask: torch.Tensor | None = None) -> torch.Tensor:
         batch, length, _ = n.shape
-        q = self.query(n.float()) + self.embed(embedding).unsqueeze(1)
-        k, v = self.key(tokens.float()), self.value(tokens.float())
+        dtype = self.query.weight.dtype  # the projections' dtype (GuidanceAdapters.compute_in)
+        q = self.query(n.to(dtype)) + self.embed(embedding.to(dtype)).unsqueeze(1)
+        k, v = self.key(tokens.to(dtype)), self.value(tokens.to(dtype))
 
-        def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.reshape(t.shape[0], t.shape[1], self.heads, -1).transpose(1, 2)
+        def heads(t: torch.Tensor) -> torch.Tensor:  # the attention itself in fp32, whatever the projections'
+            return t.float().reshape(t.shape[0], t.shape[1], self.heads, -1).transpose(1, 2)
 
         attn_mask = None if mask is None else mask.bool()[:, None, None, :]
         attended = torch.nn.functional.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=attn_mask)
-        return self.out(attended.transpose(1, 2).reshape(batch, length, -1))
+        return self.out(attended.transpose(1, 2).reshape(batch, length, -1).to(dtype))
 
     def forward(self, n: torch.Tensor, embedding: torch.Tensor, tokens: torch.Tensor,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -165,6 +169,32 @@ class GuidanceAdapters(nn.Module):
 
     def count_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def compute_in(self, dtype: torch.dtype) -> "GuidanceAdapters":
+        """Run the adapters of the attach points in ``dtype`` (their weights cast once, in place): a bf16 or fp16
+        model's own, so that they take half the memory and no attach point converts the model's activations
+        (its full width) to fp32 and back. Two parts stay in fp32, both small: the conditioner, which runs once
+        per call on ``[B]`` values and whose Fourier features of ``ω`` and ``log σ`` reach angles of
+        ``2π·2·30 ≈ 377`` rad, which bf16's 8-bit mantissa would get wrong by more than a radian; and the
+        cross-attention adapters' attention (logits and softmax, at the adapters' width), where bf16 logits of
+        a few tens err by tenths. Tolerances, stated and checked by tests: the bundled adapters' images
+        (tests/test_adapters.py) and every attach point's output on a bf16 and an fp16 host model
+        (tests/comfy/test_guidance_adapter_host.py) within 3% of fp32's; ``benchmarks/adapter_precision.py``
+        sets what they move a host model's sampling beside what the model's own precision moves it."""
+        self.adapters.to(dtype)
+        return self
+
+    def copy_on(self, device: torch.device | str) -> "GuidanceAdapters":
+        """A copy of the adapters on ``device`` for one use, this module left where it is: what a host that
+        loaded only part of them (its offload device holds the rest) needs for one model call, as it copies
+        the weights of the layers it could not load for each call. Its weights keep their dtypes."""
+        with torch.device("meta"):
+            copy = GuidanceAdapters(self.spec)
+        copy.load_state_dict({name: tensor.to(device) for name, tensor in self.state_dict().items()}, assign=True)
+        for name, buffer in self.named_buffers():  # computed constants, not in the state dict
+            owner, _, key = name.rpartition(".")
+            copy.get_submodule(owner)._buffers[key] = buffer.to(device)
+        return copy.eval().requires_grad_(False)
 
     def bind(self, omega: torch.Tensor, sigma: torch.Tensor, tokens: torch.Tensor, pooled: torch.Tensor | None = None,
              mask: torch.Tensor | None = None, row_scale: torch.Tensor | float | None = None) -> "BoundAdapters":
@@ -250,7 +280,26 @@ def save_adapters(adapters: GuidanceAdapters, path: str | Path, info: dict[str, 
 
 
 def load_adapters(path: str | Path) -> tuple[GuidanceAdapters, dict[str, Any]]:
-    tensors, metadata = load_tensor_file(path, FORMAT, FORMAT_VERSION, "train adapters for this model first")
+    """The adapters of a file and its metadata, every check made (the values' too: finite weights)."""
+    tensors, metadata = load_tensor_file(path, FORMAT, FORMAT_VERSION, MISSING_HINT)
+    spec = _spec_of(path, metadata)
+    adapters = module_from_file(path, "guidance adapter", lambda: GuidanceAdapters(spec), tensors)
+    return adapters.eval().requires_grad_(False), metadata
+
+
+def read_adapters_header(path: str | Path) -> dict[str, Any]:
+    """The metadata of an adapter file, with every check of :func:`load_adapters` that needs no tensor
+    value (format, version, spec, architecture, ω range, each tensor's name and shape): what the loader
+    node checks when a prompt is queued, reading the file's header only (a Wan 14B file holds about
+    480 MB of weights)."""
+    entries, metadata = read_tensor_file_header(path, FORMAT, FORMAT_VERSION, MISSING_HINT)
+    spec = _spec_of(path, metadata)
+    require_tensors_fit(path, "guidance adapter", lambda: GuidanceAdapters(spec), entries)
+    return metadata
+
+
+def _spec_of(path: str | Path, metadata: dict[str, Any]) -> AdapterSpec:
+    """The spec of an adapter file's metadata, or :class:`TensorFileError` saying what is wrong with it."""
     with interpreting(path, "guidance adapter"):
         spec = AdapterSpec(**metadata["spec"])
         if not isinstance(metadata.get("architecture"), str):
@@ -261,6 +310,4 @@ def load_adapters(path: str | Path) -> tuple[GuidanceAdapters, dict[str, Any]]:
                                             and omega_range[0] <= omega_range[1]):
             raise TensorFileError(f"{path} has an invalid omega_range {omega_range!r} (expected [low, high]): "
                                   "train it again")
-    adapters = module_from_file(path, "guidance adapter", lambda: GuidanceAdapters(spec), tensors)
-    return adapters.eval().requires_grad_(False), metadata
-
+    return spec

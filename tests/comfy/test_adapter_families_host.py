@@ -272,7 +272,7 @@ def test_recording_inputs_are_checked_before_any_work(host, models):
 def test_recorded_latents_have_the_shape_the_hosts_empty_latent_nodes_make(host, models, key, width, height, frames,
                                                                            shape):
     """Wan 2.1 480p×81 frames, Wan 2.2 5B 720p×121 frames, SD3 1024² and Qwen-Image 1328² (frames ignored)."""
-    glue = pack_module(host, "nodes.guidance_adapter")
+    glue = pack_module(host, "nodes.adapter_recording")
     assert glue.latent_sample_shape(models(key), width, height, frames) == shape
 
 

@@ -1,37 +1,35 @@
-"""AGD nodes: train guidance adapters on the user's model, and load them for single-pass guided sampling."""
+"""AGD training: the node that records CFG trajectories of the user's model (``adapter_recording.py``) and
+distils them into guidance adapters through the frozen model, with checkpoints to resume from."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
-import random
 import sys
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import comfy.model_management
-import comfy.patcher_extension
-import comfy.sample
 import comfy.samplers
 import comfy.utils
 import torch
 from comfy_api.latest import io
 
+from ..fastguidance.errors import InvalidInputError
+from ..fastguidance.guidance import noise_of
+from ..fastguidance.guidance_adapters.adapters import ADAPTER_KINDS, AdapterSpec, GuidanceAdapters, save_adapters
 from ..fastguidance.guidance_adapters.training import (DistillationTrainer, TrainingSettings, TrajectoryStore,
                                                        format_bytes, require_room_for_trajectories, train_on_store,
                                                        trajectory_bytes)
-from ..fastguidance.guidance_adapters.adapters import (ADAPTER_KINDS, AdapterSpec, GuidanceAdapters, load_adapters,
-                                                       save_adapters)
-from ..fastguidance.errors import FastGuidanceError, InvalidInputError
-from ..fastguidance.guidance import noise_of
 from . import model_folders, page_messages
-from .adapter_patch import (BOUND_KEY, CHECKPOINT_KEY, attach, block_checkpointing, attach_points, bind_adapters,
-                            differentiable_attention, has_adapters, host_training_mode, install_adapters, is_dit,
-                            saved_activations_copied, trainable_weights, warn_outside_range)
+from .adapter_patch import (BOUND_KEY, CHECKPOINT_KEY, attach, attach_points, base_dtype, bind_adapters,
+                            block_checkpointing, differentiable_attention, has_adapters, host_training_mode, is_dit,
+                            saved_activations_copied, trainable_weights)
+from .adapter_recording import latent_sample_shape, record_trajectories, recording_identity, require_same_family
+from .model_identity import model_architecture, model_fingerprint
 from .trainers import curve_image, prompt_lines
-from .validation import FILE_NAME, CrossRule, FileInput, check_inputs, validate
-from .model_identity import model_architecture, model_fingerprint, require_same_model
+from .validation import FILE_NAME, CrossRule, check_inputs, validate
 
 log = logging.getLogger("fastguidance")
 
@@ -40,162 +38,6 @@ CHECKPOINT_SUFFIX = ".checkpoint"  # not .safetensors: checkpoints never show up
 #: the node did before them, frames only concern video models, which it did not support then, and training
 #: without gradient checkpointing is what it always did
 RECORDING_DEFAULTS = {"frames": 33, "start_at_step": 0, "end_at_step": 10000, "gradient_checkpointing": False}
-#: latent downscale ratios of 0.3.64's latent formats, which do not carry them (0.33's have
-#: ``spacial_downscale_ratio`` / ``temporal_downscale_ratio``); the values its empty-latent nodes use
-_SPATIAL_RATIOS = {"Wan22": 16, "LTXV": 32, "HunyuanImage21": 32, "HunyuanVideo15": 16}
-_TEMPORAL_RATIOS = {"Mochi": 6, "LTXV": 8, "Cosmos1CV8x8x8": 8}
-#: image models whose latent format is a video VAE's (3-D): one frame, whatever ``frames`` says (read in
-#: comfy/supported_models.py of both hosts)
-_IMAGE_MODELS_WITH_VIDEO_LATENTS = {"QwenImage", "CosmosT2IPredict2", "Anima", "Krea2", "JoyImage"}
-
-
-def latent_sample_shape(model, width: int, height: int, frames: int) -> tuple[int, ...]:
-    """One sample's latent for ``width`` × ``height`` pixels (× ``frames`` for video models), as the host's
-    empty-latent nodes make it and the sampler receives it: ``(C, H, W)`` for images, ``(C, T, H, W)`` for
-    video (Wan 2.1: 16 channels, 8× smaller; Wan 2.2 5B: 48 channels, 16× smaller; ``T = (frames − 1) / 4 + 1``)
-    and ``(C, 1, H, W)`` for image models on a video VAE (Qwen-Image: the sampler adds that axis,
-    ``comfy.sample.fix_empty_latent_channels``)."""
-    latent_format = model.get_model_object("latent_format")
-    name = type(latent_format).__name__
-    spatial = getattr(latent_format, "spacial_downscale_ratio", None) or _SPATIAL_RATIOS.get(name, 8)
-    size = (max(1, height // spatial), max(1, width // spatial))
-    config = getattr(model.model, "model_config", None)
-    image_model = any(cls.__name__ in _IMAGE_MODELS_WITH_VIDEO_LATENTS for cls in type(config).__mro__)
-    if getattr(latent_format, "latent_dimensions", 2) == 3:
-        temporal = getattr(latent_format, "temporal_downscale_ratio", None) or _TEMPORAL_RATIOS.get(name, 4)
-        return (latent_format.latent_channels, 1 if image_model else (frames - 1) // temporal + 1, *size)
-    return (latent_format.latent_channels, *size)
-
-
-def require_same_family(model, earlier_model) -> None:
-    """The model that samples the unrecorded first steps must make the latents ``model`` continues from."""
-    ours, theirs = model.get_model_object("latent_format"), earlier_model.get_model_object("latent_format")
-    if type(ours) is not type(theirs):
-        raise InvalidInputError("earlier_model", model_architecture(earlier_model),
-                                f"it makes {type(theirs).__name__} latents and model ({model_architecture(model)}) "
-                                f"{type(ours).__name__} latents: connect the model your workflow samples the first "
-                                "steps with (Wan 2.2: the high-noise model)")
-
-
-def recording_identity(sample_shape: tuple, frames: int, segment: tuple[int, int], steps: int,
-                       earlier_model) -> dict:
-    """What the recording inputs added after the node first shipped contribute to a file's metadata and a
-    checkpoint's identity: only what differs from recording every step of an image (so a checkpoint written
-    before these inputs existed still resumes)."""
-    identity: dict = {}
-    if len(sample_shape) == 4:
-        identity.update(frames=frames, latent_shape=list(sample_shape))
-    if segment != (0, steps):
-        identity["recorded_steps"] = list(segment)
-    if earlier_model is not None:
-        identity["earlier_model_fingerprint"] = model_fingerprint(earlier_model)
-    return identity
-
-
-class LoadGuidanceAdapterNode(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="FastGuidance_LoadGuidanceAdapter",
-            display_name="Load Guidance Adapter (FastGuidance)",
-            category="sampling/fastguidance",
-            description="Adapter Guidance Distillation (Jensen et al. 2025): small adapters trained on your model make "
-                        "one model evaluation return the CFG result, so every step costs one evaluation instead of "
-                        "two. Use the output MODEL with the stock KSampler or SamplerCustomAdvanced. The adapters "
-                        "come from 'Train Guidance Adapter' for this model.",
-            inputs=[
-                io.Model.Input("model", tooltip="The model the adapters were trained for."),
-                io.Combo.Input("adapter", options=model_folders.files(model_folders.ADAPTERS),
-                               tooltip="An adapter file from models/fastguidance_adapters/."),
-                io.Boolean.Input("use_sampler_cfg", default=True,
-                                 tooltip="On: the guidance scale is the sampler's cfg (the negative prompt is not "
-                                         "evaluated; the adapters learned its effect). Off: use guidance_scale below."),
-                io.Float.Input("guidance_scale", default=5.0, min=0.0, max=30.0, step=0.1, round=0.01,
-                               tooltip="The guidance scale ω when use_sampler_cfg is off. Stay inside the range the "
-                                       "adapters were trained on (shown in the log; default training range 1–8)."),
-                io.Float.Input("strength", default=1.0, min=0.0, max=2.0, step=0.05,
-                               tooltip="Scales the adapters' output. 1 = as trained; 0 = adapters off, which gives "
-                                       "exactly the unguided (cfg 1) result at one evaluation per step."),
-                io.Boolean.Input("allow_other_model", default=False, optional=True,
-                                 tooltip="Use adapters trained on another model of the same architecture (for "
-                                         "example before a LoRA), with a warning. Off: they are refused."),
-            ],
-            outputs=[io.Model.Output(tooltip="The model with adapters: one evaluation per step, guided.")],
-            hidden=[io.Hidden.unique_id],
-        )
-
-    @classmethod
-    def validate_inputs(cls, **values) -> bool | str:
-        return validate(cls, values, *_LOAD_CHECKS)
-
-    @classmethod
-    def execute(cls, model, adapter: str, use_sampler_cfg: bool, guidance_scale: float, strength: float,
-                allow_other_model: bool = False) -> io.NodeOutput:
-        check_inputs(cls, locals(), *_LOAD_CHECKS)
-        path = model_folders.existing_file(model_folders.ADAPTERS, adapter, "adapter",
-                                           "train adapters with Train Guidance Adapter")
-        adapters, metadata = load_adapters(path)
-        check_made_for(model, adapter, metadata, adapters.spec.attach_points, allow_other_model)
-        omega_range = tuple(metadata["omega_range"]) if metadata.get("omega_range") else None
-        omega = None if use_sampler_cfg else float(guidance_scale)
-        if omega is not None:
-            warn_outside_range(omega, omega_range)
-        log.info("FastGuidance [agd]: %s (%d parameters, trained for ω %s) at %s, strength %.2f", adapter,
-                 adapters.count_parameters(), omega_range, "the sampler's cfg" if omega is None else f"ω {omega:.2f}",
-                 strength)
-        return io.NodeOutput(install_adapters(model, adapters, omega, strength, omega_range, cls.hidden.unique_id))
-
-
-def check_made_for(model, adapter: str, metadata: dict, file_points: dict, allow_other_model: bool) -> None:
-    """Refuse adapters made for another architecture or attach-point set; another fingerprint only on request."""
-    architecture = model_architecture(model)
-    if metadata.get("architecture") != architecture:
-        raise InvalidInputError("adapter", adapter, f"it was trained for a {metadata.get('architecture')} model and "
-                                                    f"this model is {architecture}: train adapters for this model")
-    points = attach_points(model)
-    if dict(file_points) != points:
-        missing = sorted(set(points) ^ set(file_points))[:4]
-        raise InvalidInputError("adapter", adapter, f"it was made for other attach points ({len(file_points)} in the "
-                                                    f"file, {len(points)} in this model; differing: {missing} or "
-                                                    "their widths): train adapters for this model")
-    recorded = metadata.get("recorded_steps")
-    part = f"steps {recorded[0]}–{recorded[1]} of {metadata.get('trajectory_steps')}, " \
-        if isinstance(recorded, list) and len(recorded) == 2 else ""
-    # Wan 2.2's high- and low-noise models share architecture and attach points: the fingerprint tells them apart
-    require_same_model(model, metadata, "adapter", adapter, f"{architecture} model ({part}", "train adapters for this model",
-                       allow_other_model, "results may differ from CFG")
-
-
-class _Recorder:
-    """Collects one CFG trajectory: the conditioning the model saw (once) and, per call, input, σ and CFG's noise."""
-
-    def __init__(self):
-        self.conditioning: dict[str, Any] | None = None
-        self.examples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-
-    def __deepcopy__(self, memo: dict) -> "_Recorder":
-        return self
-
-    def apply_model(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
-        chunks = transformer_options.get("cond_or_uncond") or [0]
-        if self.conditioning is None and 0 in chunks:
-            per_chunk = x.shape[0] // len(chunks)
-            rows = slice(chunks.index(0) * per_chunk, chunks.index(0) * per_chunk + 1)
-
-            def cond_row(value):
-                if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == x.shape[0]:
-                    return value[rows].detach().cpu()
-                return value
-
-            self.conditioning = {"c_concat": cond_row(c_concat), "c_crossattn": cond_row(c_crossattn),
-                                 "kwargs": {key: cond_row(value) for key, value in kwargs.items()}}
-        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-
-    def post_cfg(self, args: dict) -> torch.Tensor:
-        x, sigma, denoised = args["input"], args["sigma"], args["denoised"]
-        noise = noise_of(x, denoised, sigma)  # CFG's prediction in noise space
-        self.examples.append((x.detach().cpu(), sigma.detach().float().cpu(), noise.detach().cpu()))
-        return denoised
 
 
 class TrainGuidanceAdapterNode(io.ComfyNode):
@@ -311,6 +153,7 @@ class TrainGuidanceAdapterNode(io.ComfyNode):
         began = time.perf_counter()
         if has_adapters(model):
             raise InvalidInputError("model", "has guidance adapters", "connect the model without Load Guidance Adapter")
+        require_loadable_again(model)
         points = attach_points(model)
         lines = prompt_lines(prompts)
         path = model_folders.new_file(model_folders.ADAPTERS, filename, overwrite)
@@ -333,7 +176,7 @@ class TrainGuidanceAdapterNode(io.ComfyNode):
                        f"({'on disk' if estimate > (1 << 30) else 'in memory'}), then {train_steps} training steps.")
         progress = comfy.utils.ProgressBar(trajectories * segment[1] + train_steps, node_id=node_id)
 
-        conditioning, store = _record_trajectories(model, clip, lines, negative, (omega_min, omega_max), trajectories,
+        conditioning, store = record_trajectories(model, clip, lines, negative, (omega_min, omega_max), trajectories,
                                                    steps, sampler_name, scheduler, sample_shape, seed, progress,
                                                    segment, earlier_model)
         collected = time.perf_counter() - began
@@ -347,8 +190,8 @@ class TrainGuidanceAdapterNode(io.ComfyNode):
                         "negative": negative, "omega_range": [omega_min, omega_max], "trajectories": trajectories,
                         "steps": steps, "sampler": sampler_name, "scheduler": scheduler, "width": width,
                         "height": height, **recording}
-            adapters, trainer, memory = _train(model, spec, settings, store, conditioning, checkpoint_path, identity,
-                                               resume, progress, gradient_checkpointing)
+            adapters, trainer, memory = train_adapters(model, spec, settings, store, conditioning, checkpoint_path,
+                                                       identity, resume, progress, gradient_checkpointing)
         finally:
             store.close()
         info = {"architecture": model_architecture(model), "model_fingerprint": identity["model_fingerprint"],
@@ -396,7 +239,6 @@ def _segment_order(start_at_step: int, end_at_step: int, steps: int) -> None:
                                                                 f"end_at_step ({end_at_step}) and steps ({steps})")
 
 
-_LOAD_CHECKS = (FileInput("adapter", model_folders.ADAPTERS, "train adapters with Train Guidance Adapter", load_adapters),)
 _TRAIN_CHECKS = (FILE_NAME, CrossRule(prompt_lines, ("prompts",)), CrossRule(_omega_order, ("omega_min", "omega_max")),
                  CrossRule(_adapter_width_fits, ("adapter_width", "kind")),
                  CrossRule(_segment_order, ("start_at_step", "end_at_step", "steps")))
@@ -414,86 +256,25 @@ def _show(node_id: str | None, text: str) -> None:
         pass
 
 
-def _record_trajectories(model, clip, lines: list[str], negative: str, omega_range: tuple[float, float],
-                         trajectories: int, steps: int, sampler_name: str, scheduler: str, sample_shape: tuple,
-                         seed: int, progress, segment: tuple[int, int] = (0, 10000),
-                         earlier_model=None) -> tuple[list[dict], TrajectoryStore]:
-    """CFG sampling of the prompts (cycled) at seeded random ω; every model call of the steps in ``segment``
-    (``[start, end)``) becomes one example. The steps before ``start`` are sampled, with CFG at the same ω and
-    unrecorded, by ``earlier_model`` (else ``model``), and continued as KSamplerAdvanced continues a latent:
-    no new noise."""
-    conds = [clip.encode_from_tokens_scheduled(clip.tokenize(line)) for line in lines]
-    negative_cond = clip.encode_from_tokens_scheduled(clip.tokenize(negative))
-    conditioning: list[dict | None] = [None] * len(lines)
-    rng = random.Random(seed)
-    empty = torch.zeros(1, *sample_shape)
-    store: TrajectoryStore | None = None
-    dropped = 0
-
-    def callback(step, x0, x, total_steps):
-        comfy.model_management.throw_exception_if_processing_interrupted()
-        progress.update(1)
-
-    try:
-        for index in range(trajectories):
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            prompt = index % len(lines)
-            omega = rng.uniform(*omega_range)
-            recorder = _Recorder()
-            recording = model.clone()
-            recording.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "fastguidance_record",
-                                           recorder.apply_model)
-            recording.set_model_sampler_post_cfg_function(recorder.post_cfg)
-            noise = comfy.sample.prepare_noise(empty, seed + index)
-            start = empty
-            if segment[0] > 0:
-                start = comfy.sample.sample(earlier_model or model, noise, steps, omega, sampler_name, scheduler,
-                                            conds[prompt], negative_cond, empty, last_step=segment[0],
-                                            callback=callback, disable_pbar=True, seed=seed + index)
-                noise = torch.zeros_like(noise)
-            comfy.sample.sample(recording, noise, steps, omega, sampler_name, scheduler, conds[prompt], negative_cond,
-                                start, start_step=segment[0], last_step=segment[1], callback=callback,
-                                disable_pbar=True, seed=seed + index)
-            if recorder.conditioning is None or not recorder.examples:
-                raise FastGuidanceError("the sampler never called the model with the prompt: nothing to record")
-            if conditioning[prompt] is None:
-                conditioning[prompt] = recorder.conditioning
-            if store is None:  # the first trajectory tells how many model calls a trajectory makes
-                store = TrajectoryStore(trajectories * len(recorder.examples), sample_shape)
-            for x, sigma, target in recorder.examples:
-                if store.append(x, sigma, omega, prompt, target) < x.shape[0]:
-                    dropped += 1
-    except BaseException:  # interrupted or failed: no temporary trajectory files are left behind
-        if store is not None:
-            store.close()
-        raise
-    if dropped:
-        log.warning("FastGuidance [agd]: %d model calls beyond the first trajectory's count were not stored "
-                    "(an adaptive sampler makes a varying number of calls)", dropped)
-    return conditioning, store
-
-
-def _train(model, spec: AdapterSpec, settings: TrainingSettings, store: TrajectoryStore, conditioning: list[dict],
-           checkpoint_path: str, identity: dict, resume: bool, progress,
-           gradient_checkpointing: bool = False) -> tuple[GuidanceAdapters, DistillationTrainer, dict]:
+def train_adapters(model, spec: AdapterSpec, settings: TrainingSettings, store: TrajectoryStore,
+                   conditioning: list[dict], checkpoint_path: str, identity: dict, resume: bool, progress,
+                   gradient_checkpointing: bool = False) -> tuple[GuidanceAdapters, DistillationTrainer, dict]:
     """Distil the stored trajectories into new adapters; checkpoints on interruption and every tenth of the run.
 
     ``gradient_checkpointing``: DiT blocks recompute their activations in the backward pass
     (:func:`~fastguidance.guidance_adapters.training.recomputed_in_backward` through ``CHECKPOINT_KEY``); UNets ignore it."""
-    # the whole model on the device and everything else (text encoder, VAE) off it, as the host's own trainer does
-    comfy.model_management.load_models_gpu([model], memory_required=1e20, force_full_load=True)
-    device = model.load_device
-    with torch.inference_mode(False), torch.enable_grad():
+    with patcher_to_train_through(model) as (base, reloaded), torch.inference_mode(False), torch.enable_grad():
+        device = base.load_device
         torch.manual_seed(settings.seed)
         adapters = GuidanceAdapters(spec).to(device)
         # fp16 models: the loss is scaled so that gradients flowing back through fp16 activations do not underflow
-        half = base_dtype(model) == torch.float16 and device.type == "cuda"
+        half = base_dtype(base) == torch.float16 and device.type == "cuda"
         trainer = DistillationTrainer(adapters, settings, scaler=torch.amp.GradScaler("cuda") if half else None)
         if resume and os.path.exists(checkpoint_path):
             trainer.resume(checkpoint_path, identity)
             log.info("FastGuidance [agd]: resumed %s at step %d of %d", checkpoint_path, trainer.step, settings.steps)
             progress.update(trainer.step)
-        patched = attach(model, None)
+        patched = attach(base, None)
         base_options = patched.model_options["transformer_options"]
         if gradient_checkpointing and is_dit(spec.attach_points):
             base_options = {**base_options, CHECKPOINT_KEY: block_checkpointing()}
@@ -547,19 +328,56 @@ def _train(model, spec: AdapterSpec, settings: TrainingSettings, store: Trajecto
                                         "with resume on "
                                         f"(checkpoint kept in {checkpoint_path})") from None
     adapters.cpu().eval().requires_grad_(False)
-    memory = {"weights_copied_bytes": copied}
+    memory = {"weights_copied_bytes": copied, **({"model_reloaded_bytes": reloaded} if reloaded else {})}
     if device.type == "cuda":
         memory["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)
         memory["memory_note"] = f"peak GPU memory {format_bytes(memory['peak_gpu_bytes'])}"
     else:
         memory["peak_process_bytes"] = _peak_process_bytes()
         memory["memory_note"] = f"peak process memory {format_bytes(memory['peak_process_bytes'])}"
+    if reloaded:
+        memory["memory_note"] += f"; the model loaded again for training (dynamic VRAM): {format_bytes(reloaded)}"
     return adapters, trainer, memory
 
 
-def base_dtype(model) -> torch.dtype:
-    """The dtype the model computes in (its manual-cast dtype where weights are stored in another)."""
-    return getattr(model.model, "manual_cast_dtype", None) or model.model.get_dtype()
+@contextlib.contextmanager
+def patcher_to_train_through(model) -> Iterator[tuple[Any, int]]:
+    """The ModelPatcher whose model the adapters are trained through, loaded whole on its device with everything
+    else (text encoder, VAE) off it, as the host's trainers do; and the bytes of the model loaded again for
+    it (0: none).
+
+    - A plain ``ModelPatcher`` (0.3.64; 0.33 on a CPU, or started with ``--disable-dynamic-vram``): the
+      user's own, as 0.3.64's trainer (``comfy_extras/nodes_train.py``: ``model.clone()``) trains through it.
+      Its weights are resident once loaded and the training changes none of them (:func:`trainable_weights`
+      copies those made under inference mode for the duration and puts them back).
+    - A ``ModelPatcherDynamic`` (0.33 on NVIDIA GPUs; ``comfy/model_patcher.py``): its ``load`` streams the
+      weights (``comfy/ops.py``, ``cast_modules_with_vbar``: each layer's weight is a view of VRAM that
+      ``uncast_bias_weight`` hands back to the allocator, ``vbar_unpin``, once the layer's forward is done),
+      so a weight autograd keeps for the backward pass may be evicted and overwritten before it runs; and
+      the views made while recording (under inference mode) are inference tensors, which autograd refuses
+      to keep. The host's own trainer does not train through the user's patcher either: it trains on
+      ``model.clone(force_deepcopy=True)``, the model loaded again from its file (``cached_patcher_init``)
+      under ``torch.inference_mode(False)``. Here the copy is ``model.clone(disable_dynamic=True)``, the
+      host's ``get_non_dynamic_delegate`` without keeping it: loaded again the same way, and a plain
+      ModelPatcher, so that ``force_full_load`` keeps every weight resident until the backward pass (the
+      host's ``force_deepcopy`` clone keeps the dynamic class: ``clone`` swaps in ``ModelPatcher`` only with
+      ``disable_dynamic``). It costs the model's size in RAM a second time, and VRAM for the whole model
+      while training; it is unloaded and dropped when training ends, also on interruption.
+    """
+    if not streams_weights(model):
+        comfy.model_management.load_models_gpu([model], memory_required=1e20, force_full_load=True)
+        yield model, 0
+        return
+    require_loadable_again(model)
+    with torch.inference_mode(False):  # the copy's weights are made trainable as they are, as the host's trainer's
+        copy = model.clone(disable_dynamic=True)
+        comfy.model_management.load_models_gpu([copy], memory_required=1e20, force_full_load=True)
+    try:
+        yield copy, copy.model_size()
+    finally:
+        loaded = comfy.model_management.current_loaded_models
+        comfy.model_management.free_memory(1e30, copy.load_device, keep_loaded=[entry for entry in loaded
+                                                                               if entry.model is not copy])
 
 
 def _peak_process_bytes() -> int:
@@ -573,3 +391,18 @@ def _peak_process_bytes() -> int:
         import psutil
 
         return psutil.Process().memory_info().rss
+
+def streams_weights(model) -> bool:
+    """Whether ``model`` is a ``ModelPatcherDynamic`` (0.33 on NVIDIA GPUs), whose weights are streamed."""
+    return hasattr(model, "is_dynamic") and model.is_dynamic()
+
+
+def require_loadable_again(model) -> None:
+    """A model that streams its weights is trained through a copy loaded again from its file
+    (:func:`patcher_to_train_through`): refused, before any work, where the host cannot do that."""
+    if streams_weights(model) and getattr(model, "cached_patcher_init", None) is None:
+        raise InvalidInputError("model", model_architecture(model),
+                                "it streams its weights (dynamic VRAM) and came from a loader ComfyUI cannot load "
+                                "again, so training cannot load a copy that keeps them: load it with ComfyUI's own "
+                                "loader (Load Checkpoint, Load Diffusion Model), or start ComfyUI with "
+                                "--disable-dynamic-vram")
