@@ -11,12 +11,20 @@ from ..fastguidance.guidance_adapters.adapters import load_adapters, read_adapte
 from . import model_folders
 from .adapter_patch import attach_points, install_adapters, warn_outside_range
 from .model_identity import model_architecture, require_same_model
-from .validation import FileInput, check_inputs, validate
+from .validation import FileInput, ValidatedNode
 
 log = logging.getLogger("fastguidance")
 
 
-class LoadGuidanceAdapterNode(io.ComfyNode):
+#: at queue time the file's header alone is read (its metadata, tensor names and shapes); ``execute`` loads it,
+#: values and all, once
+_LOAD_CHECKS = (FileInput("adapter", model_folders.ADAPTERS, "train adapters with Train Guidance Adapter",
+                          read_adapters_header),)
+
+
+class LoadGuidanceAdapterNode(ValidatedNode):
+    CHECKS = _LOAD_CHECKS
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -49,13 +57,8 @@ class LoadGuidanceAdapterNode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, **values) -> bool | str:
-        return validate(cls, values, *_LOAD_CHECKS)
-
-    @classmethod
     def execute(cls, model, adapter: str, use_sampler_cfg: bool, guidance_scale: float, strength: float,
                 allow_other_model: bool = False) -> io.NodeOutput:
-        check_inputs(cls, locals(), *_LOAD_CHECKS)
         path = model_folders.existing_file(model_folders.ADAPTERS, adapter, "adapter",
                                            "train adapters with Train Guidance Adapter")
         adapters, metadata = load_adapters(path)
@@ -90,7 +93,3 @@ def check_made_for(model, adapter: str, metadata: dict, file_points: dict, allow
                        allow_other_model, "results may differ from CFG")
 
 
-#: at queue time the file's header alone is read (its metadata, tensor names and shapes); ``execute`` loads it,
-#: values and all, once
-_LOAD_CHECKS = (FileInput("adapter", model_folders.ADAPTERS, "train adapters with Train Guidance Adapter",
-                          read_adapters_header),)

@@ -37,6 +37,7 @@ from ..fastguidance.errors import InvalidInputError
 from ..fastguidance.guidance_adapters.policy import AdapterGuidance
 from .engine_patch import install_policy
 from .model_identity import model_architecture
+from .shared_across_clones import SharedAcrossClones
 
 log = logging.getLogger("fastguidance")
 
@@ -110,7 +111,7 @@ def is_dit(points: dict[str, int]) -> bool:
     return next(iter(points)).startswith("double_block.")
 
 
-class _AdapterPatch:
+class _AdapterPatch(SharedAcrossClones):
     """Shared by every clone of a MODEL (not deep-copied); tells the host about the adapters' ModelPatcher."""
 
     def __init__(self, weights: comfy.model_patcher.ModelPatcher | None):
@@ -120,9 +121,6 @@ class _AdapterPatch:
         return [self.weights] if self.weights is not None else []
 
     def to(self, device_or_dtype: Any) -> "_AdapterPatch":
-        return self
-
-    def __deepcopy__(self, memo: dict) -> "_AdapterPatch":
         return self
 
 
@@ -188,16 +186,13 @@ def _filled(cell) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
-class AdapterSettings:
+class AdapterSettings(SharedAcrossClones):
     """What a MODEL with adapters carries: the adapters' ModelPatcher, ω (None: the sampler's cfg), strength."""
 
     weights: comfy.model_patcher.ModelPatcher
     omega: float | None
     strength: float
     omega_range: tuple[float, float] | None = None
-
-    def __deepcopy__(self, memo: dict) -> "AdapterSettings":
-        return self
 
 
 def attach(model: Any, weights: comfy.model_patcher.ModelPatcher | None) -> Any:

@@ -21,6 +21,7 @@ from ..fastguidance.errors import FastGuidanceError, InvalidInputError
 from ..fastguidance.guidance import noise_of
 from ..fastguidance.guidance_adapters.training import TrajectoryStore
 from .model_identity import model_architecture, model_fingerprint
+from .shared_across_clones import SharedAcrossClones
 
 log = logging.getLogger("fastguidance")
 
@@ -76,16 +77,12 @@ def recording_identity(sample_shape: tuple, frames: int, segment: tuple[int, int
     return identity
 
 
-
-class _Recorder:
+class _Recorder(SharedAcrossClones):
     """Collects one CFG trajectory: the conditioning the model saw (once) and, per call, input, σ and CFG's noise."""
 
     def __init__(self):
         self.conditioning: dict[str, Any] | None = None
         self.examples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-
-    def __deepcopy__(self, memo: dict) -> "_Recorder":
-        return self
 
     def apply_model(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
         chunks = transformer_options.get("cond_or_uncond") or [0]
@@ -107,7 +104,6 @@ class _Recorder:
         noise = noise_of(x, denoised, sigma)  # CFG's prediction in noise space
         self.examples.append((x.detach().cpu(), sigma.detach().float().cpu(), noise.detach().cpu()))
         return denoised
-
 
 
 def record_trajectories(model, clip, lines: list[str], negative: str, omega_range: tuple[float, float],

@@ -29,7 +29,7 @@ from .adapter_patch import (BOUND_KEY, CHECKPOINT_KEY, attach, attach_points, ba
 from .adapter_recording import latent_sample_shape, record_trajectories, recording_identity, require_same_family
 from .model_identity import model_architecture, model_fingerprint
 from .trainers import curve_image, prompt_lines
-from .validation import FILE_NAME, CrossRule, check_inputs, validate
+from .validation import FILE_NAME, CrossRule, ValidatedNode
 
 log = logging.getLogger("fastguidance")
 
@@ -40,7 +40,30 @@ CHECKPOINT_SUFFIX = ".checkpoint"  # not .safetensors: checkpoints never show up
 RECORDING_DEFAULTS = {"frames": 33, "start_at_step": 0, "end_at_step": 10000, "gradient_checkpointing": False}
 
 
-class TrainGuidanceAdapterNode(io.ComfyNode):
+def _omega_order(omega_min: float, omega_max: float) -> None:
+    if omega_min > omega_max:
+        raise InvalidInputError("omega_min", omega_min, f"use a value no larger than omega_max ({omega_max})")
+
+
+def _adapter_width_fits(adapter_width: int, kind: str) -> None:
+    if kind == "cross_attention" and adapter_width % 4:
+        raise InvalidInputError("adapter_width", adapter_width, "use a multiple of 4 (the adapters' heads)")
+
+
+def _segment_order(start_at_step: int, end_at_step: int, steps: int) -> None:
+    if start_at_step >= min(end_at_step, steps):
+        raise InvalidInputError("start_at_step", start_at_step, f"record at least one step: use a value below "
+                                                                f"end_at_step ({end_at_step}) and steps ({steps})")
+
+
+_TRAIN_CHECKS = (FILE_NAME, CrossRule(prompt_lines, ("prompts",)), CrossRule(_omega_order, ("omega_min", "omega_max")),
+                 CrossRule(_adapter_width_fits, ("adapter_width", "kind")),
+                 CrossRule(_segment_order, ("start_at_step", "end_at_step", "steps")))
+
+
+class TrainGuidanceAdapterNode(ValidatedNode):
+    CHECKS = _TRAIN_CHECKS
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -138,10 +161,6 @@ class TrainGuidanceAdapterNode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, **values) -> bool | str:
-        return validate(cls, values, *_TRAIN_CHECKS)
-
-    @classmethod
     def execute(cls, model, clip, prompts: str, negative: str, omega_min: float, omega_max: float, trajectories: int,
                 steps: int, sampler_name: str, scheduler: str, width: int, height: int, train_steps: int, batch: int,
                 learning_rate: float, kind: str, adapter_width: int, seed: int, filename: str, overwrite: bool,
@@ -149,7 +168,6 @@ class TrainGuidanceAdapterNode(io.ComfyNode):
                 start_at_step: int = RECORDING_DEFAULTS["start_at_step"],
                 end_at_step: int = RECORDING_DEFAULTS["end_at_step"], earlier_model=None,
                 gradient_checkpointing: bool = RECORDING_DEFAULTS["gradient_checkpointing"]) -> io.NodeOutput:
-        check_inputs(cls, locals(), *_TRAIN_CHECKS)
         began = time.perf_counter()
         if has_adapters(model):
             raise InvalidInputError("model", "has guidance adapters", "connect the model without Load Guidance Adapter")
@@ -221,27 +239,6 @@ class TrainGuidanceAdapterNode(io.ComfyNode):
         log.info("FastGuidance: %s", report.replace("\n", "; "))
         return io.NodeOutput(curve_image(trainer.losses, "distillation loss (MSE to CFG)", "Guidance adapter training",
                                          f"final {info['final_loss']:.4f}", x_label="step"), report)
-
-
-def _omega_order(omega_min: float, omega_max: float) -> None:
-    if omega_min > omega_max:
-        raise InvalidInputError("omega_min", omega_min, f"use a value no larger than omega_max ({omega_max})")
-
-
-def _adapter_width_fits(adapter_width: int, kind: str) -> None:
-    if kind == "cross_attention" and adapter_width % 4:
-        raise InvalidInputError("adapter_width", adapter_width, "use a multiple of 4 (the adapters' heads)")
-
-
-def _segment_order(start_at_step: int, end_at_step: int, steps: int) -> None:
-    if start_at_step >= min(end_at_step, steps):
-        raise InvalidInputError("start_at_step", start_at_step, f"record at least one step: use a value below "
-                                                                f"end_at_step ({end_at_step}) and steps ({steps})")
-
-
-_TRAIN_CHECKS = (FILE_NAME, CrossRule(prompt_lines, ("prompts",)), CrossRule(_omega_order, ("omega_min", "omega_max")),
-                 CrossRule(_adapter_width_fits, ("adapter_width", "kind")),
-                 CrossRule(_segment_order, ("start_at_step", "end_at_step", "steps")))
 
 
 def _show(node_id: str | None, text: str) -> None:

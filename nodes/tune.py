@@ -44,6 +44,7 @@ from . import model_folders, page_messages
 from .engine_patch import ENGINE_KEY, RUN_OBSERVER_KEY, install_policy
 from .model_identity import model_architecture, model_fingerprint
 from .validation import FILE_NAME, CrossRule, FileInput, ValidatedNode
+from .shared_across_clones import SharedAcrossClones
 
 log = logging.getLogger("fastguidance")
 
@@ -64,28 +65,22 @@ INPUT_LABELS = {"model": "the model's weights", "positive": "the positive condit
                 "nodes_before": "the nodes before Tune (a loader, a LoRA, a patch node…)"}
 
 
-class _RunRecorder:
+class _RunRecorder(SharedAcrossClones):
     """Receives the finished engine runs of one trial (``RUN_OBSERVER_KEY``); shared, not copied, on clone."""
 
     def __init__(self) -> None:
         self.runs: list[GuidanceRun] = []
 
-    def __deepcopy__(self, memo: dict) -> "_RunRecorder":
-        return self
-
     def __call__(self, run: GuidanceRun) -> None:
         self.runs.append(run)
 
 
-class _EvaluationCounter:
+class _EvaluationCounter(SharedAcrossClones):
     """``CALC_COND_BATCH`` wrapper: model evaluations per image, one per conditioning evaluated per call
     (plain CFG: cond and uncond, 2 per model call; a ``None`` slot, as at cfg 1, costs nothing)."""
 
     def __init__(self) -> None:
         self.evaluations = 0
-
-    def __deepcopy__(self, memo: dict) -> "_EvaluationCounter":
-        return self
 
     def __call__(self, executor, model, conds, x_in, timestep, model_options, *args, **kwargs):
         self.evaluations += sum(1 for cond in conds if cond is not None)
@@ -124,15 +119,12 @@ def _segment_text(metadata: dict) -> str:
     return f"{steps} steps" if (start, end) == (0, steps) else f"steps {start}–{end} of {steps}"
 
 
-class _PresetCheck:
+class _PresetCheck(SharedAcrossClones):
     """``OUTER_SAMPLE`` wrapper of a loaded preset: refuses, before it samples, a run with another sampler,
     schedule (scheduler, step count, KSamplerAdvanced segment, denoise) or cfg than the preset was tuned for."""
 
     def __init__(self, preset: str, metadata: dict) -> None:
         self.preset, self.metadata = preset, metadata
-
-    def __deepcopy__(self, memo: dict) -> "_PresetCheck":
-        return self
 
     def __call__(self, executor, *args, **kwargs):
         sampler = args[2] if len(args) > 2 else kwargs["sampler"]

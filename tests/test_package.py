@@ -158,3 +158,11 @@ def test_no_print_in_the_pack():
             tree = ast.parse(path.read_text())
             calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "print"]
             assert not calls, f"{path} uses print(); use logging"
+
+
+def test_objects_shared_across_model_clones_have_one_way_to_say_so():
+    """Only nodes/shared_across_clones.py defines __deepcopy__; what a MODEL's options hold derives from it."""
+    for path in (ROOT / "nodes").glob("*.py"):
+        defines = [node.name for node in ast.walk(ast.parse(path.read_text()))
+                   if isinstance(node, ast.FunctionDef) and node.name == "__deepcopy__"]
+        assert not defines or path.name == "shared_across_clones.py", f"{path.name}: derive from SharedAcrossClones"
